@@ -1,0 +1,1 @@
+"""Command groups of the ``sdstack`` CLI; each module has ``register(subparsers)``."""

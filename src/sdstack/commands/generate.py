@@ -1,0 +1,5 @@
+"""PLACEHOLDER: the `sdstack generate` command group (being written)."""
+
+
+def register(subparsers) -> None:
+    """Add this group's parsers."""

@@ -1,0 +1,57 @@
+"""The loaded pieces of an SD1.x model, as every loader returns them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# SD1.x noise schedule (v1-inference.yaml): scaled_linear betas over 1000 steps.
+SD1_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+}
+
+
+@dataclass
+class ModelComponents:
+    """UNet, VAE, CLIP text encoder and tokenizer of one SD1.x model.
+
+    Attributes:
+        unet: ``diffusers.UNet2DConditionModel``.
+        vae: ``diffusers.AutoencoderKL``; ``vae.config.scaling_factor`` scales latents.
+        text_encoder: ``transformers.CLIPTextModel``.
+        tokenizer: ``transformers.CLIPTokenizer`` (the packaged SD1.x vocabulary).
+        scheduler_config: the diffusers scheduler config of the model's noise schedule.
+        name: what the reference UI's infotext writes as ``Model`` (the file stem).
+        path: the checkpoint file or diffusers folder it came from; ``None`` when built
+            in memory. Used for the ``Model hash`` infotext field.
+        vae_path: a separate VAE file, when one replaced the checkpoint's own.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(SD1_SCHEDULER_CONFIG))
+    name: str = "model"
+    path: Path | None = None
+    vae_path: Path | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell: ``2 ** (len(vae.config.block_out_channels) - 1)`` (8 on SD1)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: Any = None, dtype: Any = None) -> ModelComponents:
+        """Move the three networks in place; returns self."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self

@@ -1,0 +1,29 @@
+"""Shared fixtures: the packaged tokenizer and tiny random SD1-like models."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The packaged SD1.x CLIP tokenizer."""
+    from sdstack.prompt.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder():
+    """A 5-layer width-32 CLIPTextModel with randomised LayerNorms (do not mutate)."""
+    from sdstack.models.tiny import tiny_text_encoder
+
+    return tiny_text_encoder(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    """Tiny UNet + VAE + CLIP + tokenizer (do not mutate; build your own to patch)."""
+    from sdstack.models.tiny import tiny_components
+
+    return tiny_components(seed=0)
