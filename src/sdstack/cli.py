@@ -2,14 +2,17 @@
 
 Each command group lives in ``sdstack.commands.<group>`` and exposes
 ``register(subparsers)``, which adds its parsers and sets ``handler`` to a function
-``handler(args) -> int``. Command modules import torch and diffusers inside their
-handlers, so ``sdstack prompt ...`` and ``--help`` never pay for them.
+``handler(args) -> int``. User errors (``CommandError``, ``ValueError``,
+missing or existing files) print ``sdstack: error: ...`` and exit 2; set
+``SDSTACK_DEBUG=1`` to get the traceback instead. Command modules import torch and
+diffusers inside their handlers, so ``sdstack prompt ...`` and ``--help`` never pay for them.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,10 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(handler(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError, KeyboardInterrupt) as error:
-        if isinstance(error, KeyboardInterrupt):
-            print("sdstack: interrupted", file=sys.stderr)
-            return 130
+    except KeyboardInterrupt:
+        print("sdstack: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
+        if os.environ.get("SDSTACK_DEBUG"):
+            raise
         print(f"sdstack: error: {error}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 BOS_ID = 49406
@@ -13,6 +12,8 @@ COMMA_ID = 267
 
 def tokenizer_dir() -> str:
     """Folder holding the packaged ``vocab.json`` and ``merges.txt``."""
+    from importlib import resources
+
     return str(resources.files("sdstack.prompt") / "data" / "clip-tokenizer")
 
 
@@ -27,4 +28,6 @@ def load_tokenizer() -> Any:
     """
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(tokenizer_dir(), model_max_length=77, local_files_only=True)
+    return CLIPTokenizer.from_pretrained(
+        tokenizer_dir(), model_max_length=77, local_files_only=True
+    )
