@@ -1,5 +1,162 @@
-"""PLACEHOLDER: the `sdstack models` command group (being written)."""
+"""``sdstack models``: what a reference-UI install folder holds, with the infotext hashes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
 
 
 def register(subparsers) -> None:
-    """Add this group's parsers."""
+    """Add ``models`` and ``models list``."""
+    group = subparsers.add_parser(
+        "models",
+        help="list checkpoints, LoRAs, VAEs and embeddings of a web UI install folder",
+        description="Models of a folder laid out like the reference web UI "
+        "(models/Stable-diffusion, models/Lora, models/LyCORIS, models/VAE, embeddings).",
+    )
+    group.set_defaults(handler=lambda _args: _print_help(group))
+    commands = group.add_subparsers(dest="models_command", metavar="COMMAND")
+    listing = commands.add_parser(
+        "list",
+        help="list models with their short hashes",
+        description="List checkpoints, LoRAs, VAEs and embeddings with the short hashes the "
+        "reference UI writes in infotext: Model/VAE hash = sha256[:10], TI hashes = "
+        "sha256[:12], Lora hashes = kohya/addnet hash[:12]. Hashes are cached (keyed by "
+        "path, size and modification time) under $SDSTACK_CACHE_DIR, $XDG_CACHE_HOME/sdstack "
+        "or ~/.cache/sdstack, so only new or changed files are read.",
+    )
+    listing.add_argument(
+        "--root",
+        default=".",
+        metavar="DIR",
+        help="web UI install folder holding models/ and embeddings/, or the models/ folder "
+        "itself (default: the current folder)",
+    )
+    listing.add_argument(
+        "--kind",
+        action="append",
+        choices=("checkpoint", "lora", "vae", "embedding"),
+        help="only this kind (repeatable; default: all)",
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument(
+        "--no-hash",
+        action="store_true",
+        help="do not read files to hash them (hashes already in the cache are still shown)",
+    )
+    listing.set_defaults(handler=run_list)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _human_size(size: int) -> str:
+    """1536 -> '1.5 KiB' (binary units)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _compute_hashes(entries, enabled: bool) -> dict:
+    """entry -> (full hash or None, error or None); new hashes read with a byte progress bar."""
+    from tqdm import tqdm
+
+    results = {entry: (entry.cached_sha256(), None) for entry in entries}
+    pending = [entry for entry in entries if results[entry][0] is None] if enabled else []
+    total = sum(entry.size for entry in pending)
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="hashing",
+        file=sys.stderr,
+        disable=not pending,
+    ) as bar:
+        done = 0
+        for entry in pending:
+            try:
+                results[entry] = (entry.sha256(progress=bar.update), None)
+            except (ValueError, OSError) as error:
+                results[entry] = (None, str(error))
+            done += entry.size
+            bar.update(done - bar.n)  # the addnet hash skips the header bytes
+    return results
+
+
+def _rows(library, entries, results) -> list[dict]:
+    from sdstack.models.library import SHORT_HASH_LENGTH
+
+    rows = []
+    for entry in entries:
+        digest, error = results[entry]
+        row = {
+            "kind": entry.kind,
+            "name": entry.name,
+            "alias": entry.alias,
+            "short_hash": digest[: SHORT_HASH_LENGTH[entry.kind]] if digest else None,
+            "sha256": digest,
+            "size": entry.size,
+            "path": entry.path.relative_to(library.root).as_posix(),
+        }
+        if error is not None:
+            row["error"] = error
+        rows.append(row)
+    return rows
+
+
+def _print_table(rows: list[dict], kinds: tuple[str, ...]) -> None:
+    header = ("TYPE", "NAME", "ALIAS", "HASH", "SIZE", "PATH")
+    table = [
+        (
+            row["kind"],
+            row["name"],
+            row["alias"] or "-",
+            row["short_hash"] or ("error" if "error" in row else "-"),
+            _human_size(row["size"]),
+            row["path"],
+        )
+        for row in rows
+    ]
+    widths = [
+        max(len(str(cell)) for cell in column) for column in zip(header, *table, strict=False)
+    ]
+    for line in (header, *table):
+        cells = [str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)]
+        cells[4] = str(line[4]).rjust(widths[4])
+        print("  ".join(cells).rstrip())
+    for kind in kinds:
+        count = sum(row["kind"] == kind for row in rows)
+        if count == 0:
+            print(f"(no {kind} files)")
+    for row in rows:
+        if "error" in row:
+            print(
+                f"sdstack: warning: could not hash {row['path']}: {row['error']}", file=sys.stderr
+            )
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Handler of ``sdstack models list``."""
+    from sdstack.models.library import KINDS, ModelLibrary
+
+    # 1. find the folders (errors name what was looked for)
+    library = ModelLibrary(args.root)
+    kinds = tuple(kind for kind in KINDS if not args.kind or kind in args.kind)
+    # 2. list, then hash what is not cached yet
+    entries = library.entries(kinds)
+    results = _compute_hashes(entries, enabled=not args.no_hash)
+    rows = _rows(library, entries, results)
+    # 3. print
+    if args.json:
+        payload = {"root": str(library.root), "models": rows}
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        _print_table(rows, kinds)
+    return 0

@@ -1,0 +1,41 @@
+"""Tests of sdstack.text; the helpers below compute truths directly from the CLIP model.
+
+They run the text model on one chunk at a time (batch 1) and apply the spec formulas by
+hand, independently of ``PromptEncoder``'s batched path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def final_norm(model: Any) -> Any:
+    """The final LayerNorm, read directly off the model (transformers 5.x or 4.x)."""
+    inner = getattr(model, "text_model", model)
+    return inner.final_layer_norm
+
+
+def direct_output(model: Any, ids: Sequence[int]) -> Any:
+    """``model(ids[None], output_hidden_states=True)`` for one 77-id chunk."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([list(ids)]), output_hidden_states=True)
+
+
+def direct_layer(model: Any, ids: Sequence[int], n: int) -> torch.Tensor:
+    """Spec CLIP skip N for one chunk: (77, width)."""
+    out = direct_output(model, ids)
+    with torch.no_grad():
+        if n == 1:
+            return out.last_hidden_state[0]
+        return final_norm(model)(out.hidden_states[-n])[0]
+
+
+def direct_original(z: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Spec "original": mean0 = z.mean(); z = z * m; z = z * (mean0 / z.mean())."""
+    m = torch.tensor(list(weights), dtype=z.dtype)[:, None]
+    mean0 = z.mean()
+    weighted = z * m
+    return weighted * (mean0 / weighted.mean())
