@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# One torch thread per test process: the tiny models gain nothing from intra-op threads,
+# and on a 2-core machine two threads per process stall each other (and pytest -n 2).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 

@@ -12,10 +12,14 @@ from typing import Any
 import torch
 
 
+def inner(model: Any) -> Any:
+    """The module holding embeddings/encoder/final_layer_norm (transformers 4.x or 5.x)."""
+    return getattr(model, "text_model", model)
+
+
 def final_norm(model: Any) -> Any:
-    """The final LayerNorm, read directly off the model (transformers 5.x or 4.x)."""
-    inner = getattr(model, "text_model", model)
-    return inner.final_layer_norm
+    """The final LayerNorm, read directly off the model."""
+    return inner(model).final_layer_norm
 
 
 def direct_output(model: Any, ids: Sequence[int]) -> Any:

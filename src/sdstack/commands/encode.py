@@ -1,5 +1,202 @@
-"""PLACEHOLDER: the `sdstack encode` command group (being written)."""
+"""``sdstack encode``: a prompt and its negative -> ``prompt_embeds`` in a safetensors file.
+
+The file holds exactly the two tensors a diffusers ``StableDiffusionPipeline`` takes as
+``prompt_embeds=`` and ``negative_prompt_embeds=`` (same chunk count), plus metadata
+(prompt, negative prompt, clip skip, emphasis, model). torch and transformers are imported
+inside the handler so that ``sdstack --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("fp32", "fp16", "bf16")
+EMPHASIS_CHOICES = ("original", "no-norm", "ignore", "comfy")
+"""Same as ``sdstack.text.EMPHASIS_MODES`` (not imported here: it would load torch)."""
+FULL_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.")
+"""Keys that mark a full single-file checkpoint (UNet or VAE inside)."""
+
+EPILOG = """\
+examples:
+  sdstack encode --model ./sd15 "a (red:1.2) fox" --negative "blurry" --out fox.safetensors
+  sdstack encode --model v1-5.safetensors "a fox" --clip-skip 2 --out fox2.safetensors
+
+use in diffusers:
+  pipe(**safetensors.torch.load_file("fox.safetensors"), num_inference_steps=20)
+
+CLIP skip uses the reference web UI numbering (1 = last layer; diffusers clip_skip=k is N=k+1).
+"""
 
 
-def register(subparsers) -> None:
-    """Add this group's parsers."""
+def register(subparsers: Any) -> None:
+    """Add the ``encode`` parser."""
+    parser = subparsers.add_parser(
+        "encode",
+        help="encode a prompt (and negative) into SD1.x conditioning tensors",
+        description="Encode a prompt and a negative prompt as the reference web UI does\n"
+        "(emphasis, 75-token chunks, BREAK, CLIP skip, textual inversion) and save\n"
+        "prompt_embeds / negative_prompt_embeds (same chunk count) to a safetensors file.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prompt", help="the prompt text (one text: no AND, no schedule)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="diffusers folder, text_encoder folder, text-encoder .safetensors or a "
+        "full single-file SD1.x checkpoint",
+    )
+    parser.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    parser.add_argument(
+        "--clip-skip",
+        type=float,
+        default=1,
+        metavar="N",
+        help="reference numbering: 1 = last layer (default), 2 = penultimate; fractions blend",
+    )
+    parser.add_argument(
+        "--emphasis",
+        default="original",
+        metavar="MODE",
+        help=f"emphasis mode: {', '.join(EMPHASIS_CHOICES)} (default: original)",
+    )
+    parser.add_argument(
+        "--embeddings", metavar="DIR", help="folder of textual-inversion embeddings"
+    )
+    parser.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="diffusers-layout folder whose */config.json replace the packaged SD1.5 configs "
+        "(single-file checkpoints only)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="model dtype")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--out", required=True, metavar="FILE", help="output .safetensors (must not exist)"
+    )
+    parser.set_defaults(handler=run_encode)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _is_full_checkpoint(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return path.suffix in (".ckpt", ".pt", ".pth")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return any(key.startswith(FULL_CHECKPOINT_PREFIXES) for key in handle.keys())  # noqa: SIM118
+
+
+def load_text_side(path: Path, dtype: Any, device: str, config_dir: str | None = None) -> Any:
+    """The CLIP text model of ``path``; full single-file checkpoints go through ``load_model``.
+
+    Raises:
+        FileNotFoundError: ``path`` or ``config_dir``'s text-encoder config does not exist.
+    """
+    from sdstack.models.text_encoder import load_text_encoder
+
+    if not path.exists():
+        raise FileNotFoundError(f"--model {str(path)!r} does not exist")
+    if path.is_file() and _is_full_checkpoint(path):
+        import sdstack.models
+
+        load_model = getattr(sdstack.models, "load_model", None)
+        if load_model is not None:
+            return load_model(path, dtype=dtype, device=device, config_dir=config_dir).text_encoder
+    config = None
+    if config_dir is not None and path.is_file():
+        config_file = Path(config_dir) / "text_encoder" / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"--config-dir: {str(config_file)!r} does not exist")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    return load_text_encoder(path, dtype=dtype, device=device, config=config)
+
+
+def write_conditioning(out: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Save to a temporary file beside ``out``, then ``os.replace`` it into place.
+
+    Raises:
+        CommandError: ``out`` already exists (never overwritten).
+    """
+    from safetensors.torch import save_file
+
+    from sdstack.cli import CommandError
+
+    if out.exists():
+        raise CommandError(f"--out {str(out)!r} already exists; choose a new file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    try:
+        contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+        save_file(contiguous, tmp, metadata=metadata)
+        if out.exists():
+            raise CommandError(f"--out {str(out)!r} already exists; choose a new file name")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """Handler: check arguments, load the text encoder, encode both prompts, save."""
+    from tqdm import tqdm
+
+    from sdstack.cli import CommandError
+    from sdstack.prompt import load_tokenizer
+    from sdstack.text import EmbeddingLibrary, PromptEncoder
+    from sdstack.text.emphasis import check_emphasis
+
+    # 1. Check inputs before any loading.
+    out = Path(args.out)
+    if out.exists():
+        raise CommandError(f"--out {str(out)!r} already exists; choose a new file name")
+    emphasis = check_emphasis(args.emphasis)
+    clip_skip = int(args.clip_skip) if float(args.clip_skip).is_integer() else args.clip_skip
+    with tqdm(total=3, desc="encode", unit="step", file=sys.stderr) as progress:
+        # 2. Load the text encoder (and embeddings).
+        model = load_text_side(
+            Path(args.model), _torch_dtype(args.dtype), args.device, args.config_dir
+        )
+        width = model.config.hidden_size
+        library = (
+            EmbeddingLibrary.from_dir(args.embeddings, width=width) if args.embeddings else None
+        )
+        encoder = PromptEncoder(model, load_tokenizer(), library)
+        progress.update()
+        # 3. Encode prompt and negative to the same chunk count.
+        cond, uncond = encoder.encode_pair(
+            args.prompt, args.negative, clip_skip=clip_skip, emphasis=emphasis
+        )
+        progress.update()
+        # 4. Save atomically.
+        metadata = {
+            "format": "sdstack.encode/1",
+            "prompt": args.prompt,
+            "negative_prompt": args.negative,
+            "clip_skip": str(clip_skip),
+            "emphasis": emphasis,
+            "model": str(args.model),
+            "chunks": str(cond.chunks),
+            "embeddings_used": json.dumps(
+                sorted(set(cond.embeddings_used + uncond.embeddings_used))
+            ),
+        }
+        tensors = {"prompt_embeds": cond.tensor, "negative_prompt_embeds": uncond.tensor}
+        write_conditioning(out, tensors, metadata)
+        progress.update()
+    shape = tuple(cond.tensor.shape)
+    print(f"wrote {out}: prompt_embeds and negative_prompt_embeds {shape}, {cond.chunks} chunk(s)")
+    return 0

@@ -1,0 +1,64 @@
+"""Which texts a prompt needs per step: extra networks, AND parts, schedules (reference order).
+
+Reference processing of a positive prompt (see the prompt-language spec): network tags
+``<kind:args>`` are removed, the text is split on ``AND`` into weighted parts, and each part
+gets its own step schedule. A negative prompt skips the first two steps. At step ``s``
+(0-based denoiser call), each part uses its first schedule entry with ``s <= end_step``.
+
+``schedule_plan`` merges the parts' schedules onto the union of their boundaries, so every
+interval names one text per part.
+"""
+
+from __future__ import annotations
+
+from sdstack.prompt import extract_networks, prompt_schedule, split_and
+
+SchedulePlan = list[tuple[int, list[tuple[str, float]]]]
+"""``[(end_step, [(text, AND weight), ...]), ...]``, ascending, last end_step == steps."""
+
+
+def check_steps(steps: int) -> int:
+    """``steps`` after checking it is a positive integer.
+
+    Raises:
+        ValueError: not an integer (bools refused) or below 1.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return steps
+
+
+def prompt_parts(prompt: str, *, split: bool = True) -> list[tuple[str, float]]:
+    """The weighted texts of a prompt: networks removed and AND split, or ``[(prompt, 1.0)]``.
+
+    ``split=False`` is the reference's treatment of negative prompts: no AND split and
+    network tags kept as literal text.
+    """
+    if not split:
+        return [(prompt, 1.0)]
+    text, _networks = extract_networks(prompt)
+    return split_and(text)
+
+
+def schedule_plan(prompt: str, steps: int, *, split_and: bool = True) -> SchedulePlan:
+    """Per-interval texts of every AND part, on the union of the parts' step boundaries.
+
+    For each boundary ``e`` (ascending), each part contributes the text of its first
+    schedule entry whose end step is ``>= e``, with the part's AND weight.
+
+    Raises:
+        ValueError: ``steps`` not a positive integer.
+        PromptSyntaxError: an invalid emphasis or AND weight in the prompt.
+    """
+    check_steps(steps)
+    parts = prompt_parts(prompt, split=split_and)
+    schedules = [prompt_schedule(text, steps) for text, _ in parts]
+    boundaries = sorted({end for schedule in schedules for end, _ in schedule})
+    plan: SchedulePlan = []
+    for end in boundaries:
+        texts = []
+        for (_, weight), schedule in zip(parts, schedules, strict=True):
+            text = next(t for e, t in schedule if e >= end)
+            texts.append((text, weight))
+        plan.append((end, texts))
+    return plan
