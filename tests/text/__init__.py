@@ -43,3 +43,36 @@ def direct_original(z: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     mean0 = z.mean()
     weighted = z * m
     return weighted * (mean0 / weighted.mean())
+
+
+EMPTY_IDS = (49406,) + (49407,) * 76
+"""The empty chunk the reference pads calls with: BOS + 76 x EOS (weights all 1.0)."""
+
+
+def direct_call_original(model: Any, texts: Sequence[Any], n: int = 1) -> list[torch.Tensor]:
+    """Spec "original" over ONE reference call, computed chunk index by chunk index.
+
+    ``texts``: one chunk list per text of the call (objects with ``ids`` and ``weights``).
+    Shorter texts are padded with the empty chunk; for chunk index ``i`` the model runs on
+    the stacked ids of every text (batch = texts), CLIP skip ``n`` is applied, then
+    ``mean0 = z.mean(); z = z * m; z = z * (mean0 / z.mean())`` with one mean over the whole
+    batch. Returns each text's (77 * chunks, width) tensor.
+    """
+    count = max(len(chunks) for chunks in texts)
+    empty = [(EMPTY_IDS, (1.0,) * 77)]
+    rows = [
+        [(c.ids, c.weights) for c in chunks] + empty * (count - len(chunks)) for chunks in texts
+    ]
+    outputs: list[list[torch.Tensor]] = [[] for _ in texts]
+    for index in range(count):
+        ids = torch.tensor([list(row[index][0]) for row in rows])
+        m = torch.tensor([list(row[index][1]) for row in rows])
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+            z = out.last_hidden_state if n == 1 else final_norm(model)(out.hidden_states[-n])
+        mean0 = z.mean()
+        z = z * m[..., None]
+        z = z * (mean0 / z.mean())
+        for text, tensor in zip(outputs, z, strict=True):
+            text.append(tensor)
+    return [torch.cat(chunks) for chunks in outputs]

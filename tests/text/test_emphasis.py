@@ -75,18 +75,42 @@ def test_original_mean_is_per_chunk(encoder):
 def test_original_on_hand_made_tensors():
     z = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[-1.0, 5.0], [2.0, 2.0]]])
     m = torch.tensor([[2.0, 1.0], [1.0, 0.5]])
-    # chunk 0: mean0 = 2.5; weighted [[2,4],[3,4]] mean 3.25 -> scale 2.5/3.25
-    want0 = torch.tensor([[2.0, 4.0], [3.0, 4.0]]) * (2.5 / 3.25)
-    # chunk 1: mean0 = 2.0; weighted [[-1,5],[1,1]] mean 1.5 -> scale 2/1.5
-    want1 = torch.tensor([[-1.0, 5.0], [1.0, 1.0]]) * (2.0 / 1.5)
-    torch.testing.assert_close(emphasis_original(z, m), torch.stack([want0, want1]))
+    weighted0 = torch.tensor([[2.0, 4.0], [3.0, 4.0]])
+    weighted1 = torch.tensor([[-1.0, 5.0], [1.0, 1.0]])
+    # Two calls of one text: text 0 mean0 = 2.5, weighted mean 3.25; text 1 2.0 and 1.5.
+    alone = [emphasis_original(z[i][None, None], m[i][None, None])[0, 0] for i in (0, 1)]
+    torch.testing.assert_close(alone[0], weighted0 * (2.5 / 3.25))
+    torch.testing.assert_close(alone[1], weighted1 * (2.0 / 1.5))
+    # One call of both texts (texts=2, chunks=1): one mean over the whole batch,
+    # mean0 = 18 / 8, weighted mean = 19 / 8, so both texts get the scale 18 / 19.
+    together = emphasis_original(z[:, None], m[:, None])[:, 0]
+    torch.testing.assert_close(together, torch.stack([weighted0, weighted1]) * (18 / 19))
+
+
+def test_original_means_are_per_chunk_index_within_a_call():
+    z = torch.randn(3, 2, 77, 4) + 0.5
+    m = torch.rand(3, 2, 77) + 0.5
+    got = emphasis_original(z, m)
+    for index in (0, 1):
+        zi, mi = z[:, index], m[:, index]
+        weighted = zi * mi[..., None]
+        torch.testing.assert_close(got[:, index], weighted * (zi.mean() / weighted.mean()))
+
+
+def test_apply_emphasis_checks_shapes():
+    message = (
+        r"apply_emphasis: expected z \(texts, chunks, 77, width\) and multipliers "
+        r"\(texts, chunks, 77\), got \(1, 77, 8\) and \(1, 77\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        apply_emphasis(torch.zeros(1, 77, 8), torch.ones(1, 77), "original")
 
 
 def test_emphasis_keeps_dtype():
-    z = torch.randn(1, 77, 8, dtype=torch.bfloat16)
-    m = torch.full((1, 77), 1.2)
+    z = torch.randn(1, 1, 77, 8, dtype=torch.bfloat16)
+    m = torch.full((1, 1, 77), 1.2)
     for mode in EMPHASIS_MODES:
-        assert apply_emphasis(z, m, mode, z[0]).dtype == torch.bfloat16
+        assert apply_emphasis(z, m, mode, z[0, 0]).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(

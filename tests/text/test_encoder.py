@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
+from sdstack.prompt import prompt_schedule
 from sdstack.text import Conditioning, PromptEncoder
 from sdstack.text.clip_skip import token_embedding
-from tests.text import direct_layer, direct_original
+from tests.text import direct_call_original, direct_layer, direct_original
 
 LONG = ", ".join(f"(word{i}:1.1) thing" for i in range(40))
 
@@ -78,7 +79,9 @@ def test_whole_prompt_is_one_forward(encoder):
         encoder.encode_pair(LONG, "a cat")
     finally:
         hook.remove()
-    assert batches == [(3, 77), (6, 77)]
+    # The pair is 2 x 3 chunks, but the short side's two padding chunks are the same empty
+    # chunk: identical chunks run once, so the forward sees 5 rows.
+    assert batches == [(3, 77), (5, 77)]
 
 
 @pytest.mark.parametrize("long_side", ["prompt", "negative"])
@@ -126,7 +129,9 @@ def test_encode_schedule_encodes_each_distinct_text_once(encoder):
         plan = encoder.encode_schedule(prompt, 20, clip_skip=2)
     finally:
         handle.remove()
-    assert sum(rows) == 3  # three distinct texts of one chunk each, in one forward
+    # "a cat x" and " a cat x" tokenize to the same ids, and identical chunks run once:
+    # two distinct chunks, in one forward.
+    assert sum(rows) == 2
     assert len(rows) == 1
     assert [end for end, _ in plan] == [10, 20]
     assert [w for _, parts in plan for _, w in parts] == [1.0, 0.5, 1.0] * 2
@@ -174,3 +179,105 @@ def test_conditioning_summary(encoder):
 def test_bad_comma_backtrack():
     with pytest.raises(ValueError, match=r"comma_backtrack must be an integer in 0\.\.74, got 75"):
         PromptEncoder(None, None, comma_backtrack=75)
+
+
+# Reference call semantics ("original" emphasis): the texts of one call (one AND part's
+# schedule entries) share one mean per chunk index. Truth: direct_call_original, which runs
+# the model per chunk index on the stacked texts and applies the formula by hand.
+SCHEDULED = "a (red:1.3) [cat:dog:0.5]"
+LONG_TEXT = ", ".join(f"(word{i}:1.2) thing" for i in range(25))
+
+
+def _chunks(encoder, *texts):
+    return [encoder.tokenize(text).chunks for text in texts]
+
+
+def _assert_differs(got, other):
+    assert not torch.allclose(got, other, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_schedule_texts_share_one_mean_per_chunk_index(encoder, clip_skip):
+    plan = encoder.encode_schedule(SCHEDULED, 20, clip_skip=clip_skip)
+    assert [end for end, _ in plan] == [10, 20]
+    texts = ("a (red:1.3) cat", "a (red:1.3) dog")
+    want = direct_call_original(encoder.text_model, _chunks(encoder, *texts), clip_skip)
+    for (_, [(cond, weight)]), expected, text in zip(plan, want, texts, strict=True):
+        assert weight == 1.0
+        torch.testing.assert_close(cond.tensor[0], expected)
+        # Not the old per-text result (each text's own mean): the call's mean is shared.
+        _assert_differs(cond.tensor, encoder.encode(text, clip_skip=clip_skip).tensor)
+    called = encoder.encode_call(list(texts), clip_skip=clip_skip)
+    for cond, expected in zip(called, want, strict=True):
+        torch.testing.assert_close(cond.tensor[0], expected)
+
+
+def test_schedule_pads_the_shorter_text_and_scales_its_padding(encoder):
+    prompt = f"[{LONG_TEXT}:(short:0.8) cat:0.5]"
+    long_text, short_text = (text for _, text in prompt_schedule(prompt, 20))
+    chunked = _chunks(encoder, long_text, short_text)
+    assert [len(chunks) for chunks in chunked] == [2, 1]
+    plan = encoder.encode_schedule(prompt, 20)
+    (_, [(long_cond, _)]), (_, [(short_cond, _)]) = plan
+    assert long_cond.chunks == short_cond.chunks == 2
+    want_long, want_short = direct_call_original(encoder.text_model, chunked)
+    torch.testing.assert_close(long_cond.tensor[0], want_long)
+    torch.testing.assert_close(short_cond.tensor[0], want_short)
+    # The short text's padding chunk is the empty chunk scaled by chunk 1's call factor.
+    _assert_differs(short_cond.tensor[:, 77:], encoder.empty().tensor)
+
+
+def test_repeated_schedule_entries_weigh_in_the_call_mean(encoder):
+    # Alternation over 3 steps: entries "(cat:1.3) x", "dog x", "(cat:1.3) x"; the
+    # reference batch holds all three, so "cat" counts twice in the mean.
+    plan = encoder.encode_schedule("[(cat:1.3)|dog] x", 3)
+    assert [end for end, _ in plan] == [1, 2, 3]
+    cat, dog = "(cat:1.3) x", "dog x"
+    want = direct_call_original(encoder.text_model, _chunks(encoder, cat, dog, cat))
+    got = [parts[0][0].tensor[0] for _, parts in plan]
+    for tensor, expected in zip(got, want, strict=True):
+        torch.testing.assert_close(tensor, expected)
+    distinct_only = direct_call_original(encoder.text_model, _chunks(encoder, cat, dog))
+    _assert_differs(got[0], distinct_only[0])
+
+
+def test_and_parts_are_separate_calls_in_one_forward(encoder):
+    # Part 2's text "(cat:1.3)" is also part 1's first schedule entry, but part 1 is a
+    # call of {cat, dog} and part 2 a call of one: different results, as in the reference.
+    prompt = "[(cat:1.3):(dog:1.2):0.5] AND (cat:1.3)"
+    rows, handle = _count_rows(encoder.text_model)
+    try:
+        plan = encoder.encode_schedule(prompt, 10)
+    finally:
+        handle.remove()
+    assert rows == [2]  # cat and dog chunks once each; part 2's chunk equals part 1's cat
+    (_, [(cat1, _), (cat2, _)]), (_, [(dog1, _), (cat2_late, _)]) = plan
+    assert cat2 is cat2_late
+    want_cat, want_dog = direct_call_original(
+        encoder.text_model, _chunks(encoder, "(cat:1.3)", "(dog:1.2)")
+    )
+    torch.testing.assert_close(cat1.tensor[0], want_cat)
+    torch.testing.assert_close(dog1.tensor[0], want_dog)
+    (alone,) = direct_call_original(encoder.text_model, _chunks(encoder, "(cat:1.3)"))
+    torch.testing.assert_close(cat2.tensor[0], alone)
+    _assert_differs(cat1.tensor, cat2.tensor)
+
+
+def test_negative_schedule_is_one_call(encoder):
+    plan = encoder.encode_schedule(f"(blur:1.2) [x:{LONG_TEXT}:0.5] AND y", 10, split_and=False)
+    texts = [text for _, text in prompt_schedule(f"(blur:1.2) [x:{LONG_TEXT}:0.5] AND y", 10)]
+    want = direct_call_original(encoder.text_model, _chunks(encoder, *texts))
+    for (_, [(cond, weight)]), expected in zip(plan, want, strict=True):
+        assert weight == 1.0
+        assert cond.chunks == 2
+        torch.testing.assert_close(cond.tensor[0], expected)
+
+
+def test_encode_is_a_call_of_one_and_encode_many_keeps_texts_apart(encoder):
+    texts = ["a (red:1.3) cat", LONG_TEXT]
+    many = encoder.encode_many(texts, clip_skip=2)
+    for cond, text in zip(many, texts, strict=True):
+        (want,) = direct_call_original(encoder.text_model, _chunks(encoder, text), 2)
+        torch.testing.assert_close(cond.tensor[0], want)
+        torch.testing.assert_close(cond.tensor, encoder.encode(text, clip_skip=2).tensor)
+    assert [cond.chunks for cond in many] == [1, 2]

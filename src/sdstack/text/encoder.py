@@ -1,9 +1,14 @@
 """Prompt -> UNet conditioning, as the reference web UI computes it for SD1.x.
 
-Per prompt: reference chunks (``sdstack.prompt.tokenize_prompt``: emphasis, 75-token
+Per text: reference chunks (``sdstack.prompt.tokenize_prompt``: emphasis, 75-token
 chunks, BREAK, comma back-tracking, textual-inversion slots), one batched CLIP forward over
-all chunks, CLIP skip (``clip_skip``), emphasis (``emphasis``), chunks concatenated along
-tokens into ``(1, 77 * n, width)``.
+all distinct chunks, CLIP skip (``clip_skip``), emphasis (``emphasis``), chunks concatenated
+along tokens into ``(1, 77 * n, width)``.
+
+Texts are grouped into reference *calls* (one call of the reference's text encoder): a
+lone text (``encode``), one AND part's schedule entries or the negative prompt's
+(``encode_schedule``). A call pads its texts to one chunk count and "original" emphasis
+restores one mean per chunk index over all its texts (``sdstack.text.emphasis``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from sdstack.text.clip_skip import (
 )
 from sdstack.text.conditioning import Conditioning
 from sdstack.text.emphasis import apply_emphasis, check_emphasis
-from sdstack.text.schedule_encoding import schedule_plan
+from sdstack.text.schedule_encoding import merge_schedules, part_schedules
 
 ScheduledConditioning = list[tuple[int, list[tuple[Conditioning, float]]]]
 """``[(end_step, [(conditioning, AND weight), ...]), ...]`` as ``encode_schedule`` returns."""
@@ -105,9 +110,10 @@ class PromptEncoder:
     def encode(
         self, prompt: str, *, clip_skip: float = 1, emphasis: str = "original"
     ) -> Conditioning:
-        """Conditioning of one text: ``(1, 77 * chunks, width)``.
+        """Conditioning of one text, a reference encoder call of one: ``(1, 77 * chunks, width)``.
 
         ``prompt`` is encoded as it is: no AND split, no schedule, network tags not removed.
+        Being alone in its call, each of its chunks has its own "original" mean restored.
 
         Args:
             prompt: the text, with reference emphasis syntax.
@@ -118,15 +124,43 @@ class PromptEncoder:
         Raises:
             ValueError: bad ``clip_skip`` or ``emphasis``; ``PromptSyntaxError`` for bad syntax.
         """
-        return self.encode_many([prompt], clip_skip=clip_skip, emphasis=emphasis)[0]
+        return self.encode_call([prompt], clip_skip=clip_skip, emphasis=emphasis)[0]
 
     def encode_many(
         self, prompts: Sequence[str], *, clip_skip: float = 1, emphasis: str = "original"
     ) -> list[Conditioning]:
-        """``encode`` for several texts, all chunks in one batched forward."""
+        """``encode`` for several unrelated texts: each text is a call of its own.
+
+        Results equal ``[encode(text) for text in prompts]`` (own chunk count, own
+        "original" means); all chunks still go through one batched forward. For texts the
+        reference encodes together (one AND part's schedule) use ``encode_call``.
+        """
         clip_skip, emphasis = self._check(clip_skip, emphasis)
         chunked = [self.tokenize(text) for text in prompts]
         return self.encode_chunks(chunked, clip_skip=clip_skip, emphasis=emphasis)
+
+    def encode_call(
+        self, texts: Sequence[str], *, clip_skip: float = 1, emphasis: str = "original"
+    ) -> list[Conditioning]:
+        """One reference (A1111 v1.10) text-encoder call over ``texts``, in one forward.
+
+        Every text is padded with the empty chunk (BOS + 76 x EOS, weights 1.0) to the
+        call's largest chunk count ``n``, so all results have ``n`` chunks. For each chunk
+        index ``i``, "original" emphasis takes ONE mean over the chunk-``i`` encodings of
+        all texts: ``mean0 = z_i.mean(); z_i = z_i * m_i[..., None];
+        z_i = z_i * (mean0 / z_i.mean())`` with ``z_i`` (texts, 77, width), which also
+        scales the padding chunks of shorter texts. Repeated texts stay in the batch and
+        so weigh in the mean, as repeated schedule entries do in the reference.
+
+        Returns:
+            One ``Conditioning`` per entry of ``texts``, in order.
+        """
+        clip_skip, emphasis = self._check(clip_skip, emphasis)
+        tokens = {text: self.tokenize(text) for text in dict.fromkeys(texts)}
+        (call,) = self.encode_calls(
+            [[tokens[text] for text in texts]], clip_skip=clip_skip, emphasis=emphasis
+        )
+        return call
 
     def encode_pair(
         self,
@@ -138,8 +172,11 @@ class PromptEncoder:
     ) -> tuple[Conditioning, Conditioning]:
         """Prompt and negative prompt with the same chunk count (reference padding).
 
-        The side with fewer chunks gets the empty prompt's chunk (BOS + 76 x EOS) appended
-        until both match; both sides are encoded in one forward.
+        Prompt and negative are separate calls (each as ``encode``). The side with fewer
+        chunks then gets the separately encoded empty prompt's chunk appended until both
+        match (the reference's ``pad_cond``); appending weight-1 empty chunks before a call
+        of one is the same, since a chunk of all-1 weights keeps its encoding under every
+        emphasis mode. Both sides go through one forward.
         """
         clip_skip, emphasis = self._check(clip_skip, emphasis)
         cond, uncond = self.tokenize(prompt), self.tokenize(negative)
@@ -157,23 +194,40 @@ class PromptEncoder:
         emphasis: str = "original",
         split_and: bool = True,
     ) -> ScheduledConditioning:
-        """Composable (AND) and scheduled conditioning, each distinct text encoded once.
+        """Composable (AND) and scheduled conditioning, one reference call per AND part.
 
         With ``split_and=True`` (positive prompts) network tags are removed first and the
         prompt is split on AND; ``split_and=False`` is the negative-prompt treatment (tags
         stay literal, no AND split, a trailing ``:2`` stays text). Every part is scheduled.
+
+        As in the reference, each distinct part text's schedule entries (repeats included)
+        form one ``encode_call``: its texts share the chunk count and the per-chunk-index
+        "original" mean. Different parts are separate calls, so a text appearing in two
+        parts with different schedules may be encoded differently in each. All calls run
+        in one batched forward.
 
         Returns:
             ``[(end_step, [(Conditioning, AND weight), ...]), ...]``; step ``s`` (0-based)
             uses the first entry with ``s <= end_step``.
         """
         clip_skip, emphasis = self._check(clip_skip, emphasis)
-        plan = schedule_plan(prompt, steps, split_and=split_and)
-        texts = list(dict.fromkeys(text for _, parts in plan for text, _ in parts))
-        encoded = dict(
-            zip(texts, self.encode_many(texts, clip_skip=clip_skip, emphasis=emphasis), strict=True)
+        parts = part_schedules(prompt, steps, split_and=split_and)
+        calls = {text: [entry for _, entry in schedule] for text, _, schedule in parts}
+        tokens = {t: self.tokenize(t) for texts in calls.values() for t in dict.fromkeys(texts)}
+        encoded = self.encode_calls(
+            [[tokens[t] for t in texts] for texts in calls.values()],
+            clip_skip=clip_skip,
+            emphasis=emphasis,
         )
-        return [(end, [(encoded[text], weight) for text, weight in parts]) for end, parts in plan]
+        table: dict[tuple[str, str], Conditioning] = {}
+        for (part, texts), results in zip(calls.items(), encoded, strict=True):
+            for text, cond in zip(texts, results, strict=True):
+                table.setdefault((part, text), cond)
+        plan = []
+        for end, row in merge_schedules(parts):
+            entries = zip(parts, row, strict=True)
+            plan.append((end, [(table[part[0], text], w) for part, (text, w) in entries]))
+        return plan
 
     def empty(self, *, clip_skip: float = 1, emphasis: str = "original") -> Conditioning:
         """The empty prompt ``""`` encoded: one chunk, used to pad shorter conditionings."""
@@ -182,37 +236,95 @@ class PromptEncoder:
     def encode_chunks(
         self, prompts: Sequence[PromptChunks], *, clip_skip: float = 1, emphasis: str = "original"
     ) -> list[Conditioning]:
-        """Encode already-chunked prompts: one forward over every chunk of every prompt.
+        """Encode already-chunked prompts, each a call of its own, in one forward."""
+        calls = self.encode_calls([[p] for p in prompts], clip_skip=clip_skip, emphasis=emphasis)
+        return [call[0] for call in calls]
 
-        Steps: stack all chunks' ids on the batch dimension (plus the empty chunk when
-        ``"comfy"`` emphasis needs ``z_empty``); run the text model once, placing
-        textual-inversion vectors in their slots; apply CLIP skip and emphasis per chunk;
-        concatenate each prompt's chunks along tokens.
+    def encode_calls(
+        self,
+        calls: Sequence[Sequence[PromptChunks]],
+        *,
+        clip_skip: float = 1,
+        emphasis: str = "original",
+    ) -> list[list[Conditioning]]:
+        """Encode reference calls of already-chunked texts: one forward over everything.
+
+        Steps: pad each call's texts with empty chunks to the call's largest chunk count;
+        run the text model once over the distinct chunks of all calls (plus the empty chunk
+        when ``"comfy"`` emphasis needs ``z_empty``), placing textual-inversion vectors in
+        their slots; apply CLIP skip; apply emphasis per call (see ``encode_call`` and
+        ``sdstack.text.emphasis``); concatenate each text's chunks along tokens.
         """
         clip_skip, emphasis = self._check(clip_skip, emphasis)
-        if not prompts:
-            return []
-        rows = [chunk for chunks in prompts for chunk in chunks.chunks]
-        weights = torch.tensor([chunk.weights for chunk in rows], dtype=torch.float32)
-        needs_empty = emphasis == "comfy" and bool((weights != 1).any())
-        if needs_empty:
-            rows.append(PromptChunks.empty_chunk())
-        z, pooled = self._forward(rows, clip_skip)
-        z_empty = z[-1] if needs_empty else None
-        z = apply_emphasis(z[: len(weights)], weights.to(z.device), emphasis, z_empty)
+        padded = []
+        for call in calls:
+            n_chunks = max((len(chunks.chunks) for chunks in call), default=0)
+            padded.append([chunks.padded(n_chunks) for chunks in call])
+        rows = [chunk for call in padded for chunks in call for chunk in chunks.chunks]
+        if not rows:
+            return [[] for _ in padded]
+        needs_empty = emphasis == "comfy" and any(w != 1 for row in rows for w in row.weights)
+        z, pooled, z_empty = self._forward_distinct(rows, clip_skip, needs_empty)
         results, start = [], 0
-        for chunks in prompts:
-            count = len(chunks.chunks)
+        for call in padded:
+            results.append(self._finish_call(call, z, pooled, start, emphasis, z_empty))
+            start += sum(len(chunks.chunks) for chunks in call)
+        return results
+
+    def _finish_call(
+        self,
+        call: Sequence[PromptChunks],
+        z: torch.Tensor,
+        pooled: torch.Tensor,
+        start: int,
+        emphasis: str,
+        z_empty: torch.Tensor | None,
+    ) -> list[Conditioning]:
+        """Emphasis over one call's rows ``start ...`` of ``z``, split into Conditionings."""
+        if not call:
+            return []
+        texts, n_chunks = len(call), len(call[0].chunks)
+        block = z[start : start + texts * n_chunks].reshape(texts, n_chunks, *z.shape[1:])
+        weights = [[chunk.weights for chunk in chunks.chunks] for chunks in call]
+        multipliers = torch.tensor(weights, dtype=torch.float32, device=z.device)
+        block = apply_emphasis(block, multipliers, emphasis, z_empty)
+        results = []
+        for index, chunks in enumerate(call):
+            first = start + index * n_chunks
             names = (slot.name for chunk in chunks.chunks for slot in chunk.embeddings)
             results.append(
                 Conditioning(
-                    tensor=z[start : start + count].reshape(1, -1, z.shape[-1]),
-                    pooled=pooled[start : start + 1],
+                    tensor=block[index].reshape(1, -1, z.shape[-1]),
+                    pooled=pooled[first : first + 1],
                     embeddings_used=tuple(dict.fromkeys(names)),
                 )
             )
-            start += count
         return results
+
+    def _forward_distinct(
+        self, rows: Sequence[Any], clip_skip: float, with_empty: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``_forward`` over the distinct chunks of ``rows`` (same ids and slots run once).
+
+        Returns per-row encodings (rows, 77, width), per-row pooled, and the empty chunk's
+        encoding when ``with_empty``.
+        """
+        keys: dict[Any, int] = {}
+        distinct: list[Any] = []
+        extra = [PromptChunks.empty_chunk()] if with_empty else []
+        index = []
+        for chunk in [*rows, *extra]:
+            key = (chunk.ids, chunk.embeddings)
+            if key not in keys:
+                keys[key] = len(distinct)
+                distinct.append(chunk)
+            index.append(keys[key])
+        z, pooled = self._forward(distinct, clip_skip)
+        z_empty = z[index[-1]] if with_empty else None
+        if len(distinct) != len(rows) or with_empty:
+            pick = torch.tensor(index[: len(rows)], device=z.device)
+            z, pooled = z[pick], pooled[pick]
+        return z, pooled, z_empty
 
     def _check(self, clip_skip: float, emphasis: str) -> tuple[float, str]:
         return check_clip_skip(clip_skip, self.num_layers), check_emphasis(emphasis)

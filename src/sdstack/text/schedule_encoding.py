@@ -40,11 +40,14 @@ def prompt_parts(prompt: str, *, split: bool = True) -> list[tuple[str, float]]:
     return split_and(text)
 
 
-def schedule_plan(prompt: str, steps: int, *, split_and: bool = True) -> SchedulePlan:
-    """Per-interval texts of every AND part, on the union of the parts' step boundaries.
+def part_schedules(
+    prompt: str, steps: int, *, split_and: bool = True
+) -> list[tuple[str, float, list[tuple[int, str]]]]:
+    """Each AND part with its weight and its own reference schedule, in prompt order.
 
-    For each boundary ``e`` (ascending), each part contributes the text of its first
-    schedule entry whose end step is ``>= e``, with the part's AND weight.
+    ``[(part text, AND weight, [(end_step, text), ...]), ...]``. The reference encodes each
+    distinct part text's schedule texts (every entry, repeats included) as one call of its
+    text encoder; parts with the same text share that call.
 
     Raises:
         ValueError: ``steps`` not a positive integer.
@@ -52,13 +55,33 @@ def schedule_plan(prompt: str, steps: int, *, split_and: bool = True) -> Schedul
     """
     check_steps(steps)
     parts = prompt_parts(prompt, split=split_and)
-    schedules = [prompt_schedule(text, steps) for text, _ in parts]
-    boundaries = sorted({end for schedule in schedules for end, _ in schedule})
+    return [(text, weight, prompt_schedule(text, steps)) for text, weight in parts]
+
+
+def merge_schedules(parts: list[tuple[str, float, list[tuple[int, str]]]]) -> SchedulePlan:
+    """``part_schedules`` merged onto the union of the parts' step boundaries.
+
+    For each boundary ``e`` (ascending), each part contributes the text of its first
+    schedule entry whose end step is ``>= e``, with the part's AND weight.
+    """
+    boundaries = sorted({end for _, _, schedule in parts for end, _ in schedule})
     plan: SchedulePlan = []
     for end in boundaries:
         texts = []
-        for (_, weight), schedule in zip(parts, schedules, strict=True):
+        for _, weight, schedule in parts:
             text = next(t for e, t in schedule if e >= end)
             texts.append((text, weight))
         plan.append((end, texts))
     return plan
+
+
+def schedule_plan(prompt: str, steps: int, *, split_and: bool = True) -> SchedulePlan:
+    """Per-interval texts of every AND part, on the union of the parts' step boundaries.
+
+    ``merge_schedules(part_schedules(prompt, steps, split_and=split_and))``.
+
+    Raises:
+        ValueError: ``steps`` not a positive integer.
+        PromptSyntaxError: an invalid emphasis or AND weight in the prompt.
+    """
+    return merge_schedules(part_schedules(prompt, steps, split_and=split_and))
