@@ -1,0 +1,254 @@
+"""generate() on the tiny model: seeds, batches, samplers, img2img, schedules, progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from sdstack.generate import (
+    SAMPLERS,
+    GenerationCancelled,
+    GenerationParams,
+    UnknownSamplerError,
+    generate,
+)
+from sdstack.generate.pipeline import image_noise, img2img_start
+from sdstack.text import PromptEncoder
+
+# diffusers' schedulers trip numpy 2 deprecation warnings on every step
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SMALL = {"width": 64, "height": 64, "steps": 3, "sampler": "Euler", "cfg_scale": 5.0}
+
+
+def run(components, prompt="a red cat", *, callback=None, cancel=None, **overrides):
+    params = GenerationParams(prompt, **{**SMALL, **overrides})
+    return generate(components, params, callback=callback, cancel=cancel)
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image)
+
+
+class SpyUNet:
+    """Forwards to a real UNet and records each call's encoder_hidden_states."""
+
+    def __init__(self, inner):
+        self.inner, self.contexts = inner, []
+        self.device, self.dtype, self.config = inner.device, inner.dtype, inner.config
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        self.contexts.append(encoder_hidden_states.clone())
+        return self.inner(sample, timestep, encoder_hidden_states=encoder_hidden_states)
+
+
+def test_same_seed_same_pixels_other_seed_differs(tiny_components):
+    first, again = run(tiny_components, seed=11), run(tiny_components, seed=11)
+    other = run(tiny_components, seed=12)
+    assert first[0].image.size == (64, 64) and first[0].image.mode == "RGB"
+    assert np.array_equal(pixels(first[0]), pixels(again[0]))
+    assert not np.array_equal(pixels(first[0]), pixels(other[0]))
+    assert "Seed: 11," in first[0].infotext
+
+
+def test_batch_image_i_uses_seed_plus_i(tiny_components):
+    """Ancestral noise too comes from the image's own generator, so batching is invisible."""
+    batch = run(tiny_components, seed=40, batch_size=2, batch_count=2, sampler="Euler a")
+    assert [r.seed for r in batch] == [40, 41, 42, 43]
+    single = run(tiny_components, seed=43, sampler="Euler a")
+    diff = np.abs(pixels(batch[3]).astype(int) - pixels(single[0]).astype(int))
+    assert diff.max() <= 1  # batched convolutions round differently in the last bit
+    assert "Seed: 43," in batch[3].infotext
+
+
+def test_random_seed_drawn_once(tiny_components):
+    results = run(tiny_components, seed=-1, batch_size=2)
+    assert results[1].seed == results[0].seed + 1
+
+
+def test_initial_noise_is_reference_cpu_rng():
+    torch.manual_seed(1234)
+    expected = torch.randn(4, 8, 8)
+    noise, _ = image_noise(1234, (4, 8, 8))
+    assert torch.equal(noise[0], expected)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_runs(tiny_components, name):
+    requires = SAMPLERS[name].requires
+    if requires and importlib.util.find_spec(requires) is None:
+        pytest.skip(f"{name} needs {requires}")
+    result = run(tiny_components, sampler=name, steps=2, seed=3)
+    array = pixels(result[0])
+    assert array.shape == (64, 64, 3) and array.std() > 0
+    assert f"Sampler: {name}," in result[0].infotext
+
+
+def test_unknown_sampler_is_refused_before_work(tiny_components):
+    with pytest.raises(UnknownSamplerError, match=re.escape("did you mean 'DPM++ 2M'")):
+        run(tiny_components, sampler="DPM++2M")
+
+
+def test_size_must_be_multiple_of_8(tiny_components):
+    with pytest.raises(ValueError, match=r"width must be a multiple of 8, got 100"):
+        run(tiny_components, width=100)
+
+
+def test_lora_tag_is_refused(tiny_components):
+    with pytest.raises(ValueError, match=r"extra-network tag\(s\) <lora:detail>: LoRA"):
+        run(tiny_components, prompt="a cat <lora:detail:0.8>")
+
+
+def test_img2img_strength_sets_steps_and_changes_result(tiny_components):
+    init = run(tiny_components, seed=5)[0].image
+    counts: dict[float, int] = {}
+    images = {}
+    for strength in (0.3, 0.8):
+        calls = []
+        result = run(
+            tiny_components,
+            seed=6,
+            steps=5,
+            init_image=init,
+            denoising_strength=strength,
+            callback=lambda *a, c=calls: c.append(a),
+        )
+        counts[strength] = len(calls)
+        images[strength] = pixels(result[0])
+        assert f"Denoising strength: {strength}," in result[0].infotext
+    # reference k-diffusion img2img: int(strength * steps) + 1 steps run
+    assert counts == {0.3: 2, 0.8: 5}
+    assert not np.array_equal(images[0.3], images[0.8])
+
+
+def test_img2img_start():
+    assert img2img_start(20, 0.75) == (4, 16)
+    assert img2img_start(20, 1.0) == (0, 20)
+    assert img2img_start(20, 0.0) == (19, 1)
+
+
+def test_schedule_switches_at_the_right_call(tiny_components):
+    """`a [cat:dog:2] x`, 4 steps: calls 0-2 see 'a cat x', call 3 sees 'a dog x'."""
+    spy = SpyUNet(tiny_components.unet)
+    components = dataclasses.replace(tiny_components, unet=spy)
+    run(components, prompt="a [cat:dog:2] x", negative="blur", steps=4)
+    encoder = PromptEncoder(tiny_components.text_encoder, tiny_components.tokenizer)
+    cat, dog = (encoder.encode(t).tensor[0] for t in ("a cat x", "a dog x"))
+    negative = encoder.encode("blur").tensor[0]
+    assert len(spy.contexts) == 4
+    for call, context in enumerate(spy.contexts):
+        torch.testing.assert_close(context[0], cat if call <= 2 else dog)
+        torch.testing.assert_close(context[1], negative)
+
+
+def test_second_order_samplers_schedule_over_twice_the_steps(tiny_components):
+    """Reference: Heun resolves schedules over 2*steps and counts denoiser calls."""
+    spy = SpyUNet(tiny_components.unet)
+    components = dataclasses.replace(tiny_components, unet=spy)
+    run(components, prompt="a [cat:dog:0.5] x", steps=3, sampler="Heun")
+    encoder = PromptEncoder(tiny_components.text_encoder, tiny_components.tokenizer)
+    cat = encoder.encode("a cat x").tensor[0]
+    uses_cat = [torch.allclose(c[0], cat) for c in spy.contexts]
+    assert uses_cat == [True, True, True, True, False]  # when = int(0.5 * 6) = 3
+
+
+def test_and_parts_batched_with_weights(tiny_components):
+    spy = SpyUNet(tiny_components.unet)
+    components = dataclasses.replace(tiny_components, unet=spy)
+    run(components, prompt="a cat AND a dog :0.5", steps=2, batch_size=2)
+    assert [c.shape[0] for c in spy.contexts] == [6, 6]  # (2 parts + negative) x 2 images
+
+
+def test_progress_callback_and_cancel(tiny_components):
+    seen = []
+    run(
+        tiny_components,
+        batch_count=2,
+        callback=lambda step, total, latents: seen.append((step, total, tuple(latents.shape))),
+    )
+    assert seen == [(i, 6, (1, 4, 8, 8)) for i in range(1, 7)]
+    with pytest.raises(GenerationCancelled):
+        run(tiny_components, cancel=lambda: True)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M"])
+def test_matches_diffusers_pipeline(tiny_components, sampler):
+    """Independent truth: diffusers' StableDiffusionPipeline, same weights, scheduler, seed."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdstack.generate.samplers import make_scheduler, resolve_sampler
+
+    spec, schedule = resolve_sampler(sampler)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_components.vae,
+        text_encoder=tiny_components.text_encoder,
+        tokenizer=tiny_components.tokenizer,
+        unet=tiny_components.unet,
+        scheduler=make_scheduler(spec, schedule, tiny_components.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        "a red cat",
+        negative_prompt="blurry",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator("cpu").manual_seed(21),
+    ).images[0]
+    ours = run(tiny_components, negative="blurry", sampler=sampler, seed=21)
+    expected = (theirs * 255).round().astype(np.uint8)
+    assert np.array_equal(pixels(ours[0]), expected)
+
+
+def test_embeddings_change_result_and_write_ti_hashes(tiny_components):
+    from sdstack.text import Embedding
+
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    library = {"mytoken": Embedding("mytoken", vectors, None, "abcdef123456")}
+    params = GenerationParams("a photo of mytoken", **SMALL, seed=4)
+    with_ti = generate(tiny_components, params, embeddings=library)[0]
+    without = generate(tiny_components, params)[0]
+    assert 'TI hashes: "mytoken: abcdef123456", Version' in with_ti.infotext
+    assert "TI hashes" not in without.infotext
+    assert not np.array_equal(pixels(with_ti), pixels(without))
+
+
+def test_emphasis_and_clip_skip_reach_the_encoder(tiny_components):
+    base = run(tiny_components, prompt="a (red:1.5) cat", seed=8)[0]
+    no_norm = run(tiny_components, prompt="a (red:1.5) cat", seed=8, emphasis="no-norm")[0]
+    skip = run(tiny_components, prompt="a (red:1.5) cat", seed=8, clip_skip=2)[0]
+    assert "Emphasis: No norm, Version" in no_norm.infotext
+    assert "Clip skip: 2, RNG: CPU" in skip.infotext and "Clip skip" not in base.infotext
+    assert not np.array_equal(pixels(base), pixels(no_norm))
+    assert not np.array_equal(pixels(base), pixels(skip))
+
+
+def test_img2img_moves_further_from_init_with_strength(tiny_components):
+    from sdstack.generate.pipeline import encode_init_image
+
+    init = run(tiny_components, seed=1)[0].image
+    init_latents = encode_init_image(tiny_components.vae, init, 64, 64)
+    distances = []
+    for strength in (0.0, 0.5, 1.0):
+        final = {}
+        run(
+            tiny_components,
+            seed=2,
+            steps=5,
+            cfg_scale=1.0,
+            init_image=init,
+            denoising_strength=strength,
+            callback=lambda s, t, latents, final=final: final.update(x=latents),
+        )
+        distances.append((final["x"] - init_latents).abs().mean().item())
+    assert distances[0] < 0.1 < distances[1] < distances[2]
