@@ -203,3 +203,22 @@ def test_from_infotext_notes_another_model(tiny_checkpoint, tmp_path, capsys):
     assert code == 0 and stdout.strip().endswith("00000-3.png")
     assert "the infotext names model other-model (0123456789); generating with tiny-model" in err
     assert "made with RNG GPU; sdstack draws noise on the CPU" in err
+
+
+def test_pad_conds_flag_lands_in_infotext_and_reproduces(tiny_checkpoint, tmp_path, capsys):
+    """Prompt longer than 75 tokens, short negative: --pad-conds pads (reference option
+    "Pad prompt/negative prompt"), writes ``Pad conds: True``, and --from-infotext keeps it."""
+    out = tmp_path / "out"
+    prompt = ", ".join(["a red cat"] * 30)
+    base = ["generate", *model_args(tiny_checkpoint), "--out", str(out)]
+    opts = ["--negative", "blurry", "--steps", "2", "--size", "64x64", "--seed", "9"]
+    code, stdout, _ = cli(capsys, *base, prompt, *opts, "--pad-conds")
+    assert code == 0
+    first = stdout.strip()
+    info = read_infotext(first)
+    assert info.endswith("RNG: CPU, Pad conds: True, Version: sdstack 0.1.0")
+    code, stdout, _ = cli(capsys, *base, "--from-infotext", first)
+    assert code == 0 and read_infotext(stdout.strip()) == info
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(stdout.strip())))
+    code, stdout, _ = cli(capsys, *base, "--from-infotext", first, "--no-pad-conds")
+    assert code == 0 and "Pad conds" not in read_infotext(stdout.strip())

@@ -13,6 +13,7 @@ from sdstack.generate.denoise import (
     GuidedDenoiser,
     combine_guidance,
     is_cancelled,
+    pad_with_empty,
     run_denoising,
     schedule_index,
 )
@@ -57,30 +58,91 @@ def test_combine_guidance_formula():
     torch.testing.assert_close(result, u + 0.7 * 6.0 * (c1 - u) + 0.3 * 6.0 * (c2 - u))
 
 
-def test_and_parts_and_negative_in_one_call():
-    """u + cfg * sum_i w_i (c_i - u), all three conditionings in one UNet call."""
+def random_cond(chunks: int, seed: int, width: int = 4) -> Conditioning:
+    tensor = torch.randn(1, 77 * chunks, width, generator=torch.Generator().manual_seed(seed))
+    return Conditioning(tensor=tensor, pooled=torch.zeros(1, width))
+
+
+def direct_output(sample: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """StubUNet's response to one (tokens, width) context, computed directly."""
+    return sample * (1 + hidden.mean()) + hidden.shape[0] / 77
+
+
+@pytest.mark.parametrize("pad_conds", [False, True])
+def test_and_parts_and_negative_in_one_call(pad_conds):
+    """(d) Equal lengths: u + cfg * sum_i w_i (c_i - u), all in one UNet call, no padding."""
     unet = StubUNet()
     schedule = [(4, [(cond(0.1), 1.0), (cond(0.5), 0.6)])]
     negative = [(4, [(cond(-0.2), 1.0)])]
-    denoiser = GuidedDenoiser(unet, schedule, negative, 7.5, cond(0.0))
+    denoiser = GuidedDenoiser(unet, schedule, negative, 7.5, cond(0.0), pad_conds=pad_conds)
     sample = torch.randn(2, 2, 8, 8)
     result = denoiser(sample, torch.tensor(999), 0)
     assert len(unet.contexts) == 1 and unet.contexts[0].shape == (6, 77, 4)
+    assert denoiser.padded is False
     u = stub_output(sample, -0.2, 1)
     c1, c2 = stub_output(sample, 0.1, 1), stub_output(sample, 0.5, 1)
     torch.testing.assert_close(result, u + 7.5 * (c1 - u) + 0.6 * 7.5 * (c2 - u))
 
 
-def test_padding_to_the_longest_with_empty_chunks():
+def test_shorter_and_part_repeats_its_last_token_vector():
+    """(a) Reference reconstruct_multicond_batch: not empty chunks, the last row repeated."""
     unet = StubUNet()
-    empty = cond(0.25)
+    long, short, neg = random_cond(2, 1), random_cond(1, 2), random_cond(2, 3)
     denoiser = GuidedDenoiser(
-        unet, [(1, [(cond(1.0, chunks=2), 1.0)])], [(1, [(cond(-1.0), 1.0)])], 2.0, empty
+        unet, [(9, [(long, 1.0), (short, 0.5)])], [(9, [(neg, 1.0)])], 3.0, cond(0.25)
     )
-    denoiser(torch.ones(1, 2, 4, 4), torch.tensor(1), 0)
-    context = unet.contexts[0]
-    assert context.shape == (2, 154, 4)
-    assert torch.all(context[1, :77] == -1.0) and torch.all(context[1, 77:] == 0.25)
+    sample = torch.randn(1, 2, 4, 4)
+    result = denoiser(sample, torch.tensor(500), 0)
+    assert len(unet.contexts) == 1 and unet.contexts[0].shape == (3, 154, 4)
+    extended = torch.cat([short.tensor[0], short.tensor[0, -1:].expand(77, -1)])
+    assert torch.equal(unet.contexts[0][0], long.tensor[0])
+    assert torch.equal(unet.contexts[0][1], extended)
+    assert torch.equal(unet.contexts[0][2], neg.tensor[0])
+    u = direct_output(sample, neg.tensor[0])
+    c1, c2 = direct_output(sample, long.tensor[0]), direct_output(sample, extended)
+    torch.testing.assert_close(result, combine_guidance([c1, c2], [1.0, 0.5], u, 3.0))
+
+
+def test_unequal_lengths_run_positive_and_negative_in_separate_calls():
+    """(b) Default (reference "Pad prompt/negative prompt" off): two calls, no padding."""
+    unet = StubUNet()
+    part1, part2, neg = random_cond(2, 4), random_cond(1, 5), random_cond(1, 6)
+    denoiser = GuidedDenoiser(
+        unet, [(9, [(part1, 0.7), (part2, 0.3)])], [(9, [(neg, 1.0)])], 6.0, cond(0.25)
+    )
+    sample = torch.randn(2, 2, 4, 4)
+    result = denoiser(sample, torch.tensor(500), 0)
+    assert [tuple(c.shape) for c in unet.contexts] == [(4, 154, 4), (2, 77, 4)]
+    extended = torch.cat([part2.tensor[0], part2.tensor[0, -1:].expand(77, -1)])
+    positive, negative = unet.contexts
+    for row, expected in enumerate([part1.tensor[0], part1.tensor[0], extended, extended]):
+        assert torch.equal(positive[row], expected)
+    assert torch.equal(negative, neg.tensor.expand(2, -1, -1))
+    assert denoiser.padded is False
+    u = direct_output(sample, neg.tensor[0])
+    c1, c2 = direct_output(sample, part1.tensor[0]), direct_output(sample, extended)
+    torch.testing.assert_close(result, combine_guidance([c1, c2], [0.7, 0.3], u, 6.0))
+
+
+@pytest.mark.parametrize(("pos_chunks", "neg_chunks"), [(2, 1), (1, 3)])
+def test_pad_conds_pads_the_shorter_side_with_empty_chunks(pos_chunks, neg_chunks):
+    """(c) Reference pad_cond_uncond: empty-prompt encodings appended, one call."""
+    unet = StubUNet()
+    pos, neg, empty = random_cond(pos_chunks, 7), random_cond(neg_chunks, 8), random_cond(1, 9)
+    denoiser = GuidedDenoiser(
+        unet, [(9, [(pos, 1.0)])], [(9, [(neg, 1.0)])], 2.0, empty, pad_conds=True
+    )
+    sample = torch.randn(1, 2, 4, 4)
+    result = denoiser(sample, torch.tensor(1), 0)
+    longest = max(pos_chunks, neg_chunks)
+    assert len(unet.contexts) == 1 and unet.contexts[0].shape == (2, 77 * longest, 4)
+    padded_pos = torch.cat([pos.tensor[0], *[empty.tensor[0]] * (longest - pos_chunks)])
+    padded_neg = torch.cat([neg.tensor[0], *[empty.tensor[0]] * (longest - neg_chunks)])
+    assert torch.equal(unet.contexts[0][0], padded_pos)
+    assert torch.equal(unet.contexts[0][1], padded_neg)
+    assert denoiser.padded is True
+    u, c = direct_output(sample, padded_neg), direct_output(sample, padded_pos)
+    torch.testing.assert_close(result, u + 2.0 * (c - u))
 
 
 def test_context_switches_per_call():
@@ -131,3 +193,8 @@ def test_is_cancelled_accepts_callables_and_events():
     assert is_cancelled(event) is False
     event.set()
     assert is_cancelled(event) is True
+
+
+def test_pad_with_empty_needs_whole_chunks():
+    with pytest.raises(ValueError, match=r"cannot pad 100 tokens to 154 with 77-token empty"):
+        pad_with_empty(torch.zeros(1, 100, 4), 154, torch.zeros(1, 77, 4))

@@ -197,7 +197,44 @@ def test_params_from_infotext_emphasis_and_errors():
     text = "(a:1.2)\nSteps: 5, Sampler: Euler, Seed: 1, Emphasis: No norm"
     assert params_from_infotext(parse_infotext(text))["emphasis"] == "no-norm"
     bad = parse_infotext("a\nSteps: many, Sampler: Euler, Seed: 1")
-    with pytest.raises(ValueError, match=r"infotext field 'Steps': cannot read 'many' as int"):
+    message = r"infotext field 'Steps': cannot read 'many' as an integer"
+    with pytest.raises(ValueError, match=message):
         params_from_infotext(bad)
     with pytest.raises(ValueError, match=r"unknown sampler 'Fancy'"):
         params_from_infotext(parse_infotext("a\nSteps: 5, Sampler: Fancy, Seed: 1"))
+
+
+def test_pad_conds_round_trip():
+    """Reference extra parameter ``Pad conds: True`` (after the other extras, Version last)."""
+    params = GenerationParams("(cat)", seed=2, emphasis="no-norm", pad_conds=True)
+    components = ModelComponents(None, None, None, None, name="m")
+    fields = {**generation_fields(params, components=components), "Pad conds": True}
+    text = build_infotext(params.prompt, params.negative, fields)
+    assert text.endswith("RNG: CPU, Emphasis: No norm, Pad conds: True, Version: sdstack 0.1.0")
+    back = GenerationParams(**params_from_infotext(parse_infotext(text)))
+    assert back == params and back.pad_conds is True
+    plain = parse_infotext("a\nSteps: 5, Sampler: Euler, Seed: 1")
+    assert "pad_conds" not in params_from_infotext(plain)
+    assert GenerationParams(**params_from_infotext(plain)).pad_conds is False
+    bad = parse_infotext("a\nSteps: 5, Sampler: Euler, Seed: 1, Pad conds: yes")
+    with pytest.raises(ValueError, match=r"field 'Pad conds': cannot read 'yes' as True or False"):
+        params_from_infotext(bad)
+
+
+@pytest.mark.parametrize(("clip_skip", "written"), [(1, None), (2, "2"), (2.0, "2"), (1.5, "1.5")])
+def test_clip_skip_written_only_above_1_and_read_back(clip_skip, written):
+    """Reference: ``Clip skip: N`` only when N > 1; whole numbers without a decimal point.
+
+    Fractional values (sdstack's blend of two layers) are written as they are.
+    """
+    params = GenerationParams("a cat", seed=1, clip_skip=clip_skip)
+    fields = generation_fields(params, components=ModelComponents(None, None, None, None))
+    text = build_infotext(params.prompt, params.negative, fields)
+    parsed = params_from_infotext(parse_infotext(text))
+    if written is None:
+        assert "Clip skip" not in text
+        assert parsed["clip_skip"] == 1  # the reference's default for a missing field
+    else:
+        assert f", Clip skip: {written}, " in text
+        assert parsed["clip_skip"] == clip_skip
+        assert type(parsed["clip_skip"]) is (int if float(clip_skip).is_integer() else float)

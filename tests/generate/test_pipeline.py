@@ -14,10 +14,11 @@ from sdstack.generate import (
     SAMPLERS,
     GenerationCancelled,
     GenerationParams,
+    GenerationParamsError,
     UnknownSamplerError,
     generate,
 )
-from sdstack.generate.pipeline import image_noise, img2img_start
+from sdstack.generate.pipeline import decode_latents, image_noise, img2img_start
 from sdstack.text import PromptEncoder
 
 # diffusers' schedulers trip numpy 2 deprecation warnings on every step
@@ -178,36 +179,51 @@ def test_progress_callback_and_cancel(tiny_components):
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M"])
 def test_matches_diffusers_pipeline(tiny_components, sampler):
-    """Independent truth: diffusers' StableDiffusionPipeline, same weights, scheduler, seed."""
-    from diffusers import StableDiffusionPipeline
+    """Independent truth: diffusers' StableDiffusionPipeline, same weights, scheduler, seed.
 
+    The final latents must be identical; the pixels then follow the reference's
+    conversion, checked against diffusers' decoded image with that formula applied.
+    """
     from sdstack.generate.samplers import make_scheduler, resolve_sampler
 
     spec, schedule = resolve_sampler(sampler)
-    pipe = StableDiffusionPipeline(
-        vae=tiny_components.vae,
-        text_encoder=tiny_components.text_encoder,
-        tokenizer=tiny_components.tokenizer,
-        unet=tiny_components.unet,
-        scheduler=make_scheduler(spec, schedule, tiny_components.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = tiny_components.diffusers_pipeline(
+        make_scheduler(spec, schedule, tiny_components.scheduler_config)
     )
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(
-        "a red cat",
-        negative_prompt="blurry",
-        num_inference_steps=3,
-        guidance_scale=5.0,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator("cpu").manual_seed(21),
+    settings = {"negative_prompt": "blurry", "num_inference_steps": 3, "guidance_scale": 5.0}
+    settings |= {"height": 64, "width": 64}
+    latents = pipe(
+        "a red cat", output_type="latent", generator=torch.Generator().manual_seed(21), **settings
+    ).images
+    decoded = pipe(
+        "a red cat", output_type="pt", generator=torch.Generator().manual_seed(21), **settings
     ).images[0]
-    ours = run(tiny_components, negative="blurry", sampler=sampler, seed=21)
-    expected = (theirs * 255).round().astype(np.uint8)
-    assert np.array_equal(pixels(ours[0]), expected)
+    finals = []
+    ours = run(
+        tiny_components,
+        negative="blurry",
+        sampler=sampler,
+        seed=21,
+        callback=lambda step, total, state: finals.append(state.clone()),
+    )
+    assert torch.equal(finals[-1], latents)
+    # diffusers' [0, 1] image is (x / 2 + 0.5).clamp(0, 1); the reference's is (x + 1) / 2.
+    expected = (255.0 * decoded.permute(1, 2, 0).numpy()).astype(np.uint8)
+    assert np.abs(pixels(ours[0]).astype(int) - expected).max() <= 1
+
+
+def test_decoded_pixels_follow_the_reference_conversion(tiny_components):
+    """Reference: ``x = clamp((x + 1) / 2, 0, 1)``, then ``(255 * x).astype(uint8)`` (truncates)."""
+    vae = tiny_components.vae
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        images = decode_latents(vae, latents)
+        x = vae.decode(latents / vae.config.scaling_factor).sample.float()
+    x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0).numpy()
+    for image, sample in zip(images, x, strict=True):
+        expected = (255.0 * np.moveaxis(sample, 0, 2)).astype(np.uint8)
+        assert np.array_equal(np.asarray(image), expected)
 
 
 def test_embeddings_change_result_and_write_ti_hashes(tiny_components):
@@ -252,3 +268,58 @@ def test_img2img_moves_further_from_init_with_strength(tiny_components):
         )
         distances.append((final["x"] - init_latents).abs().mean().item())
     assert distances[0] < 0.1 < distances[1] < distances[2]
+
+
+LONG_PROMPT = ", ".join(["a red cat"] * 30)  # > 75 tokens: two chunks
+
+
+@pytest.mark.parametrize("pad_conds", [False, True])
+def test_long_prompt_short_negative_calls_and_infotext(tiny_components, pad_conds):
+    """Reference CFGDenoiser: unequal lengths -> positive and negative in separate calls;
+    with "Pad prompt/negative prompt" the negative gets the empty prompt's chunk and one
+    call is made, and the infotext says ``Pad conds: True``."""
+    spy = SpyUNet(tiny_components.unet)
+    components = dataclasses.replace(tiny_components, unet=spy)
+    result = run(components, prompt=LONG_PROMPT, negative="blurry", steps=2, pad_conds=pad_conds)
+    encoder = PromptEncoder(tiny_components.text_encoder, tiny_components.tokenizer)
+    prompt, negative = encoder.encode(LONG_PROMPT).tensor, encoder.encode("blurry").tensor
+    assert prompt.shape[1] == 154
+    if pad_conds:
+        padded = torch.cat([negative, encoder.empty().tensor], dim=1)
+        assert [c.shape[:2] for c in spy.contexts] == [(2, 154)] * 2
+        torch.testing.assert_close(spy.contexts[0], torch.cat([prompt, padded]))
+        assert "RNG: CPU, Pad conds: True, Version" in result[0].infotext
+    else:
+        assert [c.shape[:2] for c in spy.contexts] == [(1, 154), (1, 77)] * 2
+        torch.testing.assert_close(spy.contexts[0], prompt)
+        torch.testing.assert_close(spy.contexts[1], negative)
+        assert "Pad conds" not in result[0].infotext
+
+
+def test_pad_conds_changes_the_image_only_for_unequal_lengths(tiny_components):
+    def both(prompt):
+        return [
+            run(tiny_components, prompt, negative="blurry", seed=3, pad_conds=p)[0]
+            for p in (False, True)
+        ]
+
+    short = both("a red cat")
+    assert np.array_equal(pixels(short[0]), pixels(short[1]))
+    assert short[0].infotext == short[1].infotext  # nothing padded: no "Pad conds"
+    long = both(LONG_PROMPT)
+    assert not np.array_equal(pixels(long[0]), pixels(long[1]))
+
+
+def test_pad_conds_must_be_bool(tiny_components):
+    with pytest.raises(ValueError, match=r"pad_conds must be True or False, got 1"):
+        run(tiny_components, pad_conds=1)
+
+
+def test_fractional_clip_skip_blends_and_is_recorded(tiny_components):
+    """clip_skip=1.5 is neither 1 nor 2, and the infotext records it."""
+    one, half, two = (run(tiny_components, seed=3, clip_skip=c)[0] for c in (1, 1.5, 2))
+    assert "Clip skip: 1.5" in half.infotext
+    assert not np.array_equal(pixels(half), pixels(one))
+    assert not np.array_equal(pixels(half), pixels(two))
+    with pytest.raises(GenerationParamsError, match=r"clip_skip must be in \[1, 12\], got 0.5"):
+        run(tiny_components, clip_skip=0.5)

@@ -128,9 +128,13 @@ def test_schedule_type_not_available():
 
 
 @pytest.mark.parametrize(("name", "package"), [("LMS", "scipy"), ("DPM++ SDE", "torchsde")])
-def test_missing_package_names_the_install(name, package):
-    if importlib.util.find_spec(package) is not None:
-        pytest.skip(f"{package} is installed")
+def test_missing_package_names_the_install(name, package, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda module, *args: None if module == package else real_find_spec(module, *args),
+    )
     with pytest.raises(SamplerUnavailableError, match=rf"pip install {package}$"):
         make_scheduler(SAMPLERS[name], "Automatic", SD1_SCHEDULER_CONFIG)
 

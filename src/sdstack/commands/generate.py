@@ -26,7 +26,18 @@ PARAM_FLAGS = {
     "batch_size": "batch_size",
     "batch_count": "batch_count",
     "denoising_strength": "denoising_strength",
+    "pad_conds": "pad_conds",
 }
+
+
+def _clip_skip(text: str) -> float:
+    """``--clip-skip`` values: "2" -> 2, "1.5" -> 1.5."""
+    from sdstack.generate.infotext import read_number
+
+    try:
+        return read_number(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from error
 
 
 def register(subparsers: Any) -> None:
@@ -133,9 +144,25 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="seed, -1 = random (default)")
     parser.add_argument("--size", default=None, help="WxH, multiples of 8 (default: 512x512)")
-    parser.add_argument("--clip-skip", type=int, default=None, help="Clip skip (default: 1)")
+    parser.add_argument(
+        "--clip-skip",
+        type=_clip_skip,
+        default=None,
+        help="reference Clip skip, 1 = last layer; fractional values such as 1.5 blend two "
+        "layers (default: 1)",
+    )
     parser.add_argument(
         "--emphasis", default=None, help="original, no-norm, ignore or comfy (default: original)"
+    )
+    parser.add_argument(
+        "--pad-conds",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="when prompt and negative prompt have different token lengths, pad the shorter "
+        "with empty-prompt chunks and run one UNet call instead of two (faster, changes the "
+        "image; written as 'Pad conds: True'). The reference UI's 'Pad prompt/negative "
+        "prompt' option; off by default, as in the reference (--no-pad-conds overrides "
+        "--from-infotext)",
     )
 
 

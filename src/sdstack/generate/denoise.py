@@ -12,9 +12,18 @@ conditioning each denoiser call sees and how the predictions combine:
   to the denoised image; the denoised image is affine in the noise (or v) prediction
   with the same coefficients for every part, so applying it to the model output is
   the same formula.
-- Batching: all parts and the negative go through one UNet call per denoiser call,
-  padded to the same chunk count with empty-prompt chunks (the reference's
-  "pad prompt/negative prompt to be same length" option).
+- Batching (reference ``reconstruct_multicond_batch`` + ``CFGDenoiser.forward``):
+  AND parts of different token lengths are brought to the longest by repeating each
+  shorter part's last token vector (row ``77 n - 1``). If the positive rows and the
+  negative then have the same length, all go through one UNet call (negative last).
+  If not, by default the positive rows (all AND parts) and the negative go through
+  two separate UNet calls, unpadded: cross-attention over padding tokens changes the
+  output, so padding is not neutral. With ``pad_conds`` (the reference's "Pad
+  prompt/negative prompt" option, off by default) the shorter side instead gets
+  copies of the empty prompt's 77-token encoding appended, and one call is made; the
+  reference then writes ``Pad conds: True`` in the infotext. (The reference feeds
+  the positive rows in slices of ``2 * batch`` rows; we make one call for all of them,
+  which gives the same per-row result up to batched-kernel rounding.)
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import torch
 
 # (end_step, [(conditioning, AND weight), ...]) as PromptEncoder.encode_schedule returns.
 Schedule = Sequence[tuple[int, Sequence[tuple[Any, float]]]]
+# (hidden states of each UNet call, AND weights) for one denoiser call.
+Context = tuple[tuple[torch.Tensor, ...], list[float]]
 
 
 class GenerationCancelled(RuntimeError):
@@ -66,15 +77,56 @@ def is_cancelled(cancel: Any) -> bool:
     return bool(cancel())
 
 
+def extend_last_token(tensor: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Reference AND-part equalisation: append copies of the last token vector.
+
+    ``(rows, n, width) -> (rows, tokens, width)`` with rows ``n..tokens-1`` equal to row
+    ``n - 1``; ``tensor`` itself when already ``tokens`` long.
+    """
+    missing = tokens - tensor.shape[1]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[:, -1:].expand(-1, missing, -1)], dim=1)
+
+
+def pad_with_empty(tensor: torch.Tensor, tokens: int, empty: torch.Tensor) -> torch.Tensor:
+    """Reference ``pad_cond``: append copies of the empty prompt's encoding ``empty``
+    ``(1, 77, width)`` to every row until ``tokens`` long.
+
+    Raises:
+        ValueError: the missing length is not a whole number of ``empty`` chunks.
+    """
+    missing = tokens - tensor.shape[1]
+    repeats, rest = divmod(missing, empty.shape[1])
+    if rest or repeats < 0:
+        raise ValueError(
+            f"cannot pad {tensor.shape[1]} tokens to {tokens} with {empty.shape[1]}-token "
+            "empty chunks: expected a whole, non-negative number of chunks"
+        )
+    if repeats == 0:
+        return tensor
+    pad = empty.to(tensor).repeat(tensor.shape[0], repeats, 1)
+    return torch.cat([tensor, pad], dim=1)
+
+
 class GuidedDenoiser:
-    """One UNet call per denoiser call: all AND parts + the negative, batched.
+    """Reference ``CFGDenoiser``: AND parts + negative through the UNet, then guidance.
+
+    One UNet call per denoiser call when the positive and negative contexts have the
+    same length (always with ``pad_conds``), else two (positive rows, then negative
+    rows); see the module doc.
 
     Args:
         unet: ``UNet2DConditionModel``.
         cond_schedule: the prompt's schedule (AND parts with weights).
         uncond_schedule: the negative prompt's schedule (one part each).
         cfg_scale: guidance scale.
-        empty: the empty prompt's conditioning (for padding to equal chunk counts).
+        empty: the empty prompt's conditioning (one chunk; used with ``pad_conds``).
+        pad_conds: pad the shorter of positive/negative with ``empty`` chunks and make
+            one call (reference option "Pad prompt/negative prompt").
+
+    Attributes:
+        padded: True once some denoiser call's context was padded with ``empty``.
     """
 
     def __init__(
@@ -84,48 +136,71 @@ class GuidedDenoiser:
         uncond_schedule: Schedule,
         cfg_scale: float,
         empty: Any,
+        *,
+        pad_conds: bool = False,
     ) -> None:
         self.unet = unet
         self.cond_schedule = cond_schedule
         self.uncond_schedule = uncond_schedule
         self.cfg_scale = float(cfg_scale)
         self.empty = empty
+        self.pad_conds = bool(pad_conds)
+        self.padded = False
         # diffusers' ModelMixin.dtype/.device walk the parameters (~1 ms): read them once.
         self.device, self.dtype = unet.device, unet.dtype
-        self._context: dict[tuple[int, int], tuple[torch.Tensor, list[float]]] = {}
-        self._expanded: dict[tuple[int, int, int], tuple[torch.Tensor, list[float]]] = {}
+        self._context: dict[tuple[int, int], Context] = {}
+        self._expanded: dict[tuple[int, int, int], Context] = {}
 
     def _key(self, step: int) -> tuple[int, int]:
         return schedule_index(self.cond_schedule, step), schedule_index(self.uncond_schedule, step)
 
-    def context(self, step: int) -> tuple[torch.Tensor, list[float]]:
-        """Hidden states ``(parts + 1, 77 n, width)`` (negative last) and part weights."""
+    def _build(self, key: tuple[int, int]) -> Context:
+        parts = list(self.cond_schedule[key[0]][1])
+        negative = self.uncond_schedule[key[1]][1][0][0].tensor
+        tokens = max(cond.tensor.shape[1] for cond, _ in parts)
+        positive = torch.cat([extend_last_token(cond.tensor, tokens) for cond, _ in parts])
+        if self.pad_conds and tokens != negative.shape[1]:
+            longest = max(tokens, negative.shape[1])
+            positive = pad_with_empty(positive, longest, self.empty.tensor)
+            negative = pad_with_empty(negative, longest, self.empty.tensor)
+            self.padded = True
+        if positive.shape[1] == negative.shape[1]:
+            calls: tuple[torch.Tensor, ...] = (torch.cat([positive, negative]),)
+        else:
+            calls = (positive, negative)
+        calls = tuple(c.to(device=self.device, dtype=self.dtype) for c in calls)
+        return calls, [float(w) for _, w in parts]
+
+    def context(self, step: int) -> Context:
+        """Hidden states per UNet call and the AND weights at denoiser call ``step``.
+
+        One tensor ``(parts + 1, L, width)`` (negative last) when the lengths agree, else
+        ``((parts, L, width), (1, L', width))``. Cached per schedule entry pair.
+        """
         key = self._key(step)
         if key not in self._context:
-            parts = list(self.cond_schedule[key[0]][1])
-            uncond = self.uncond_schedule[key[1]][1][0][0]
-            conds = [cond for cond, _ in parts] + [uncond]
-            n_chunks = max(cond.chunks for cond in conds)
-            padded = [c.padded_to(n_chunks, self.empty) for c in conds]
-            hidden = torch.cat([c.tensor for c in padded]).to(device=self.device, dtype=self.dtype)
-            self._context[key] = (hidden, [float(w) for _, w in parts])
+            self._context[key] = self._build(key)
         return self._context[key]
 
-    def batch_context(self, step: int, batch: int) -> tuple[torch.Tensor, list[float]]:
+    def batch_context(self, step: int, batch: int) -> Context:
         """:meth:`context` with each row repeated ``batch`` times (cached per batch size)."""
         key = (*self._key(step), batch)
         if key not in self._expanded:
-            hidden, weights = self.context(step)
-            self._expanded[key] = (hidden.repeat_interleave(batch, dim=0), weights)
+            calls, weights = self.context(step)
+            self._expanded[key] = (tuple(c.repeat_interleave(batch, dim=0) for c in calls), weights)
         return self._expanded[key]
 
     def __call__(self, model_input: torch.Tensor, timestep: Any, step: int) -> torch.Tensor:
         """Guided model output for ``model_input`` (B, C, h, w) at denoiser call ``step``."""
-        states, weights = self.batch_context(step, model_input.shape[0])
-        groups = len(weights) + 1
-        sample = model_input.to(self.dtype).repeat(groups, 1, 1, 1)
-        output = self.unet(sample, timestep, encoder_hidden_states=states).sample.float()
-        chunks = output.chunk(groups)
+        batch = model_input.shape[0]
+        calls, weights = self.batch_context(step, batch)
+        sample = model_input.to(self.dtype)
+        outputs = []
+        for states in calls:
+            rows = sample.repeat(states.shape[0] // batch, 1, 1, 1)
+            outputs.append(self.unet(rows, timestep, encoder_hidden_states=states).sample)
+        output = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).float()
+        chunks = output.chunk(len(weights) + 1)
         return combine_guidance(chunks[:-1], weights, chunks[-1], self.cfg_scale)
 
 

@@ -204,7 +204,7 @@ def generation_fields(
         "VAE hash": file_short_hash(vae_path),
         "VAE": Path(vae_path).name if vae_path is not None else None,
         "Denoising strength": params.denoising_strength if params.is_img2img else None,
-        "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
+        "Clip skip": plain_number(params.clip_skip) if params.clip_skip > 1 else None,
         "RNG": "CPU",
         "TI hashes": ti_hashes(used_embeddings, embeddings),
         "Emphasis": emphasis,
@@ -217,31 +217,32 @@ def params_from_infotext(info: Mapping[str, str]) -> dict[str, Any]:
 
     Reads Prompt, Negative prompt, Steps, Sampler (old "DPM++ 2M Karras" names split into
     sampler + schedule type), Schedule type, CFG scale, Seed, Size, Clip skip, Emphasis,
-    Denoising strength. Fields absent from the text are absent from the result.
+    Denoising strength, Pad conds (``True``/``False``). Fields absent from the text are
+    absent from the result.
 
     Raises:
-        ValueError: a numeric field that does not parse, naming field and value.
+        ValueError: a numeric or boolean field that does not parse, naming field and value.
     """
     from sdstack.generate.samplers import resolve_sampler
 
     converters = {
-        "Steps": ("steps", int),
-        "CFG scale": ("cfg_scale", float),
-        "Seed": ("seed", int),
-        "Clip skip": ("clip_skip", int),
-        "Denoising strength": ("denoising_strength", float),
+        "Steps": ("steps", int, "an integer"),
+        "CFG scale": ("cfg_scale", float, "a number"),
+        "Seed": ("seed", int, "an integer"),
+        "Clip skip": ("clip_skip", read_number, "a number"),
+        "Denoising strength": ("denoising_strength", float, "a number"),
     }
     result: dict[str, Any] = {
         "prompt": info.get("Prompt", ""),
         "negative": info.get("Negative prompt", ""),
     }
-    for key, (name, kind) in converters.items():
+    for key, (name, kind, expected) in converters.items():
         if key in info:
             try:
                 result[name] = kind(info[key])
             except ValueError as error:
                 raise ValueError(
-                    f"infotext field {key!r}: cannot read {info[key]!r} as {kind.__name__}"
+                    f"infotext field {key!r}: cannot read {info[key]!r} as {expected}"
                 ) from error
     if "Size-1" in info and "Size-2" in info:
         result["width"], result["height"] = int(info["Size-1"]), int(info["Size-2"])
@@ -252,4 +253,29 @@ def params_from_infotext(info: Mapping[str, str]) -> dict[str, Any]:
         labels = {label.lower(): mode for mode, label in EMPHASIS_LABELS.items()}
         labels.update({mode: mode for mode in EMPHASIS_LABELS})
         result["emphasis"] = labels.get(info["Emphasis"].strip().lower(), info["Emphasis"])
+    if "Pad conds" in info:
+        result["pad_conds"] = read_bool("Pad conds", info["Pad conds"])
     return result
+
+
+def plain_number(value: float) -> float:
+    """``2.0`` -> ``2`` (the reference writes whole numbers without a decimal point)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def read_number(text: str) -> float:
+    """An int when the text is a whole number ("2"), else a float ("1.5")."""
+    value = float(text)
+    return plain_number(value)
+
+
+def read_bool(key: str, text: str) -> bool:
+    """Reference boolean infotext value: ``True``/``False`` (any case).
+
+    Raises:
+        ValueError: anything else, naming the field and value.
+    """
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"infotext field {key!r}: cannot read {text!r} as True or False")
+    return value == "true"

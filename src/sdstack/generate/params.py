@@ -39,10 +39,15 @@ class GenerationParams:
         width, height: pixels, multiples of 8 in [64, 4096].
         batch_size: images denoised together per UNet call.
         batch_count: batches run one after another.
-        clip_skip: reference "Clip skip" (1 = last layer).
+        clip_skip: reference "Clip skip" (1 = last layer, up to 12 on SD1.x); a fractional
+            value blends the two neighbouring layers (see ``sdstack.text.clip_skip``).
         emphasis: "original", "no-norm", "ignore" or "comfy".
         init_image: a PIL image for img2img (resized to width x height), or None.
         denoising_strength: img2img strength in [0, 1]; ignored for txt2img.
+        pad_conds: reference option "Pad prompt/negative prompt" (off by default): when
+            prompt and negative have different token lengths, pad the shorter with
+            empty-prompt chunks and run one UNet call instead of two (changes the image;
+            infotext ``Pad conds: True``).
     """
 
     prompt: str
@@ -56,10 +61,11 @@ class GenerationParams:
     height: int = 512
     batch_size: int = 1
     batch_count: int = 1
-    clip_skip: int = 1
+    clip_skip: float = 1
     emphasis: str = "original"
     init_image: Any = None
     denoising_strength: float = 0.75
+    pad_conds: bool = False
 
     @property
     def is_img2img(self) -> bool:
@@ -107,7 +113,11 @@ def check_inputs(params: GenerationParams) -> None:
     _check_size("height", params.height)
     _check_int("batch_size", params.batch_size, 1, MAX_BATCH_SIZE)
     _check_int("batch_count", params.batch_count, 1, 10_000)
-    _check_int("clip_skip", params.clip_skip, 1, 12)
+    clip_skip = params.clip_skip
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, float)):
+        raise GenerationParamsError(f"clip_skip must be a number, got {clip_skip!r}")
+    if not 1 <= clip_skip <= 12:
+        raise GenerationParamsError(f"clip_skip must be in [1, 12], got {clip_skip}")
     if params.emphasis not in EMPHASIS_MODES:
         raise GenerationParamsError(
             f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {params.emphasis!r}"
@@ -115,6 +125,8 @@ def check_inputs(params: GenerationParams) -> None:
     strength = params.denoising_strength
     if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise GenerationParamsError(f"denoising_strength must be in [0, 1], got {strength!r}")
+    if not isinstance(params.pad_conds, bool):
+        raise GenerationParamsError(f"pad_conds must be True or False, got {params.pad_conds!r}")
     if params.init_image is not None and not hasattr(params.init_image, "convert"):
         raise GenerationParamsError(
             f"init_image must be a PIL image, got {type(params.init_image).__name__}"

@@ -80,13 +80,18 @@ def encode_init_image(vae: Any, image: Any, width: int, height: int) -> torch.Te
 
 
 def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
-    """VAE decode ``latents / scaling_factor`` to RGB PIL images (``x / 2 + 0.5``, clamped)."""
+    """VAE decode ``latents / scaling_factor`` to RGB PIL images, as the reference does.
+
+    ``x = clamp((x + 1) / 2, 0, 1)``, then ``(255 * x).astype(uint8)``: the reference
+    truncates, where diffusers rounds, so about half the pixel values are one level lower
+    than diffusers' output for the same latents.
+    """
+    import numpy as np
     from PIL import Image
 
     scaled = (latents / vae.config.scaling_factor).to(device=vae.device, dtype=vae.dtype)
-    pixels = vae.decode(scaled).sample.float()
-    pixels = (pixels / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-    arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    pixels = torch.clamp((vae.decode(scaled).sample.float() + 1.0) / 2.0, min=0.0, max=1.0)
+    arrays = (255.0 * pixels.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
     return [Image.fromarray(array, mode="RGB") for array in arrays]
 
 
@@ -139,7 +144,9 @@ def _prepare(components: Any, params: GenerationParams, embeddings: Any) -> _Job
     cond = encoder.encode_schedule(params.prompt, schedule_steps, split_and=True, **style)
     uncond = encoder.encode_schedule(params.negative, schedule_steps, split_and=False, **style)
     empty = encoder.empty(**style)
-    denoiser = GuidedDenoiser(components.unet, cond, uncond, params.cfg_scale, empty)
+    denoiser = GuidedDenoiser(
+        components.unet, cond, uncond, params.cfg_scale, empty, pad_conds=params.pad_conds
+    )
     init_latents, start, steps_run = None, 0, params.steps
     if params.is_img2img:
         start, steps_run = img2img_start(params.steps, params.denoising_strength)
@@ -177,7 +184,10 @@ def generate(
     Prompt schedules (``[a:b:when]``, ``[a|b]``) are resolved over ``steps``, or
     ``2 * steps`` for the second-order samplers (Heun, DPM2, DPM2 a, DPM++ SDE) as the
     reference does, and indexed by the 0-based denoiser call. Guidance per call:
-    ``u + cfg * sum_i w_i * (c_i - u)`` over the AND parts (see ``denoise``).
+    ``u + cfg * sum_i w_i * (c_i - u)`` over the AND parts (see ``denoise``). Prompt and
+    negative of different token lengths run as two UNet calls, or, with
+    ``params.pad_conds``, padded with empty-prompt chunks into one call (the infotext
+    then gets ``Pad conds: True``, as in the reference, when padding happened).
 
     Args:
         components: a loaded model (:class:`sdstack.models.ModelComponents`).
@@ -213,10 +223,15 @@ def generate(
         seeds = [seed + batch * params.batch_size + i for i in range(params.batch_size)]
         latents = _run_batch(job, seeds, on_step, cancel)
         for image, image_seed in zip(decode_latents(components.vae, latents), seeds, strict=True):
-            image_fields = {**fields, "Seed": image_seed}
+            image_fields = {**fields, "Seed": image_seed, **_pad_field(job.denoiser)}
             infotext = build_infotext(params.prompt, params.negative, image_fields)
             results.append(GeneratedImage(image, image_seed, infotext, len(results)))
     return results
+
+
+def _pad_field(denoiser: GuidedDenoiser) -> dict[str, Any]:
+    """Reference ``Pad conds: True``: only when the option padded some call's context."""
+    return {"Pad conds": True} if denoiser.padded else {}
 
 
 def _progress(callback: ProgressCallback | None, total: int) -> Callable[[torch.Tensor], None]:

@@ -7,9 +7,12 @@ infotexts fold it into the name ("DPM++ 2M Karras"). Each name here is a
 reference picks for "Automatic", and whether the sampler calls the denoiser twice per
 step (the reference then resolves prompt schedules over ``2 * steps``).
 
-``timestep_spacing="linspace"`` reproduces k-diffusion's ``get_sigmas(n)`` (timesteps
-``linspace(999, 0, n)``, sigmas interpolated in log space); DDIM keeps the reference's
-"leading" uniform timesteps with offset 1.
+``timestep_spacing="linspace"`` gives the same timesteps as k-diffusion's
+``get_sigmas(n)`` (``linspace(999, 0, n)``) but not bit-identical sigmas: between
+integer timesteps diffusers interpolates sigma linearly, k-diffusion interpolates
+log-sigma. On the SD1 schedule the largest relative sigma difference is 1.7e-5 at 20
+steps and 3.3e-5 at 30 steps. DDIM keeps the reference's "leading" uniform timesteps
+with offset 1.
 """
 
 from __future__ import annotations
