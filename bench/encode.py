@@ -90,21 +90,13 @@ def timed_pair(
 
 def diffusers_pipeline(model, tokenizer):
     """A StableDiffusionPipeline around ``model`` (tiny UNet/VAE: encode_prompt ignores them)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from sdstack.models.components import SD1_SCHEDULER_CONFIG
+    from sdstack.models.components import ModelComponents
     from sdstack.models.tiny import tiny_unet, tiny_vae
 
-    return StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=model,
-        tokenizer=tokenizer,
-        unet=tiny_unet(),
-        scheduler=DDIMScheduler(**SD1_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    components = ModelComponents(
+        unet=tiny_unet(), vae=tiny_vae(), text_encoder=model, tokenizer=tokenizer
     )
+    return components.diffusers_pipeline()
 
 
 def case_long_prompt(encoder, model, device: str, timing) -> tuple:

@@ -57,8 +57,12 @@ def worker(side: str, checkpoint: str, config: str, dtype: str) -> dict:
         model = load_model(checkpoint, dtype=dtype, config_dir=config)
     else:
         model = StableDiffusionPipeline.from_single_file(
-            checkpoint, config=config, local_files_only=True, safety_checker=None,
-            torch_dtype={"fp16": torch.float16, "fp32": torch.float32}[dtype])
+            checkpoint,
+            config=config,
+            local_files_only=True,
+            safety_checker=None,
+            torch_dtype={"fp16": torch.float16, "fp32": torch.float32}[dtype],
+        )
     loaded = time.perf_counter()
     _checksum([model.unet, model.vae, model.text_encoder])
     touched = time.perf_counter()
@@ -73,8 +77,18 @@ def worker(side: str, checkpoint: str, config: str, dtype: str) -> dict:
 
 
 def run_side(side: str, checkpoint: Path, config: Path, dtype: str) -> dict:
-    command = [sys.executable, __file__, "--worker", side, "--checkpoint", str(checkpoint),
-               "--config", str(config), "--dtype", dtype]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--checkpoint",
+        str(checkpoint),
+        "--config",
+        str(config),
+        "--dtype",
+        dtype,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{side} worker failed:\n{result.stderr[-3000:]}")
@@ -93,8 +107,10 @@ def table(results: dict[tuple[str, str], dict]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for (dtype, side), r in results.items():
-        lines.append(f"| {dtype} | {side} | {r['load_s']:.3f} | {r['touch_s']:.3f} | "
-                     f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} |")
+        lines.append(
+            f"| {dtype} | {side} | {r['load_s']:.3f} | {r['touch_s']:.3f} | "
+            f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} |"
+        )
     for dtype in dict.fromkeys(d for d, _ in results):
         ours, theirs = results[(dtype, "sdstack")], results[(dtype, "diffusers")]
         lines.append(
@@ -111,14 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat")
     parser.add_argument("--checkpoint", type=Path, help="single-file checkpoint to load")
     parser.add_argument("--config", type=Path, help="diffusers config folder for it")
-    parser.add_argument("--dtype", choices=("fp16", "fp32"), action="append",
-                        help="dtype(s) to load in (default: fp16 and fp32)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp16", "fp32"),
+        action="append",
+        help="dtype(s) to load in (default: fp16 and fp32)",
+    )
     parser.add_argument("--repeats", type=int, help="runs per side (median; default 3, quick 1)")
     parser.add_argument("--worker", choices=("sdstack", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, str(args.checkpoint), str(args.config),
-                                args.dtype[0])))
+        print(
+            json.dumps(worker(args.worker, str(args.checkpoint), str(args.config), args.dtype[0]))
+        )
         return 0
     if args.checkpoint is None:
         make = make_fixtures.make_quick if args.quick else make_fixtures.make_full
@@ -128,11 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for dtype in args.dtype or ["fp16", "fp32"]:
         for side in ("sdstack", "diffusers"):
-            results[(dtype, side)] = median_runs(side, args.checkpoint, args.config, dtype,
-                                                 repeats)
+            results[(dtype, side)] = median_runs(side, args.checkpoint, args.config, dtype, repeats)
     size = args.checkpoint.stat().st_size / 1e6
-    print(f"checkpoint {args.checkpoint.name} ({size:.0f} MB), {repeats} run(s) per cell, "
-          "median\n")
+    print(f"checkpoint {args.checkpoint.name} ({size:.0f} MB), {repeats} run(s) per cell, median\n")
     print(table(results))
     return 0
 

@@ -68,10 +68,14 @@ def write_config_folder(folder: Path, unet: dict, vae: dict, text: dict) -> None
     write_json(folder / "model_index.json", MODEL_INDEX)
     write_json(folder / "unet" / "config.json", {"_class_name": "UNet2DConditionModel", **unet})
     write_json(folder / "vae" / "config.json", {"_class_name": "AutoencoderKL", **vae})
-    write_json(folder / "text_encoder" / "config.json",
-               {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **text})
-    write_json(folder / "scheduler" / "scheduler_config.json",
-               packaged_config("scheduler/scheduler_config.json"))
+    write_json(
+        folder / "text_encoder" / "config.json",
+        {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **text},
+    )
+    write_json(
+        folder / "scheduler" / "scheduler_config.json",
+        packaged_config("scheduler/scheduler_config.json"),
+    )
     tokenizer = folder / "tokenizer"
     tokenizer.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
@@ -106,8 +110,9 @@ def ldm_shapes(unet_config: dict, vae_config: dict, text_config: dict) -> dict[s
             shapes[prefix + row.ldm] = (*shape, 1, 1) if row.conv1x1 else shape
     allowed = set(CLIPTextConfig().to_dict()) | {"vocab_size"}
     with torch.device("meta"):
-        text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_config.items()
-                                               if k in allowed}))
+        text = CLIPTextModel(
+            CLIPTextConfig(**{k: v for k, v in text_config.items() if k in allowed})
+        )
     for key, tensor in text.state_dict().items():
         name = key if key.startswith("text_model.") else f"text_model.{key}"
         shapes[TEXT_PREFIX + name] = tuple(tensor.shape)
@@ -127,8 +132,11 @@ def stream_safetensors(path: Path, shapes: dict[str, tuple], seed: int) -> int:
     offsets, position = {}, 0
     for key, shape in shapes.items():
         size = math.prod(shape) * 2
-        offsets[key] = {"dtype": "F16", "shape": list(shape),
-                        "data_offsets": [position, position + size]}
+        offsets[key] = {
+            "dtype": "F16",
+            "shape": list(shape),
+            "data_offsets": [position, position + size],
+        }
         position += size
     header = json.dumps({"__metadata__": {"format": "pt"}, **offsets}).encode()
     header += b" " * (-len(header) % 8)

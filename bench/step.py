@@ -69,18 +69,7 @@ def real_shape_components(dtype, device):
 
 def diffusers_pipeline(components, scheduler):
     """diffusers' pipeline around the very same modules."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return components.diffusers_pipeline(scheduler)
 
 
 def run_ours(components, params, sync):

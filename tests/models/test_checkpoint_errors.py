@@ -50,39 +50,82 @@ def write(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("name", "tensors", "kind"), [
-    ("sdxl.safetensors",
-     {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4),
-      CONV_IN: torch.zeros(320, 4, 3, 3)},
-     r"an SDXL checkpoint \(conditioner\.embedders\.\* keys\)"),
-    ("sd2.safetensors",
-     {"cond_stage_model.model.ln_final.weight": torch.zeros(4), CONV_IN: torch.zeros(320, 4, 3, 3)},
-     r"an SD 2\.x checkpoint \(OpenCLIP cond_stage_model\.model\.\* keys\)"),
-    ("sd2-width.safetensors", sd1_like(context=1024),
-     r"an SD 2\.x checkpoint \(UNet context width 1024\)"),
-    ("inpaint.safetensors", sd1_like(conv_in_channels=9),
-     r"an SD1\.x inpainting checkpoint \(conv_in has 9 input channels\)"),
-    ("pix2pix.safetensors", sd1_like(conv_in_channels=8),
-     r"an instruct-pix2pix checkpoint \(conv_in has 8 input channels\)"),
-    ("lora.safetensors",
-     {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
-      "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)},
-     r"a LoRA/LyCORIS network \(lora_down/lora_up-style keys\)"),
-    ("embedding.safetensors", {"emb_params": torch.zeros(2, 768)},
-     r"a textual-inversion embedding"),
-    ("vae.safetensors",
-     {"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3),
-      "decoder.conv_out.weight": torch.zeros(3, 128, 3, 3)},
-     r"a VAE-only file \(encoder\./decoder\. keys\); pass it as vae="),
-    ("unet.safetensors", {"conv_in.weight": torch.zeros(4), "down_blocks.0.x": torch.zeros(1)},
-     r"a diffusers-format UNet file; load the whole diffusers folder instead"),
-])
+SDXL_TEXT_KEY = "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"
+
+
+@pytest.mark.parametrize(
+    ("name", "tensors", "kind"),
+    [
+        (
+            "sdxl.safetensors",
+            {
+                SDXL_TEXT_KEY: torch.zeros(4),
+                CONV_IN: torch.zeros(320, 4, 3, 3),
+            },
+            r"an SDXL checkpoint \(conditioner\.embedders\.\* keys\)",
+        ),
+        (
+            "sd2.safetensors",
+            {
+                "cond_stage_model.model.ln_final.weight": torch.zeros(4),
+                CONV_IN: torch.zeros(320, 4, 3, 3),
+            },
+            r"an SD 2\.x checkpoint \(OpenCLIP cond_stage_model\.model\.\* keys\)",
+        ),
+        (
+            "sd2-width.safetensors",
+            sd1_like(context=1024),
+            r"an SD 2\.x checkpoint \(UNet context width 1024\)",
+        ),
+        (
+            "inpaint.safetensors",
+            sd1_like(conv_in_channels=9),
+            r"an SD1\.x inpainting checkpoint \(conv_in has 9 input channels\)",
+        ),
+        (
+            "pix2pix.safetensors",
+            sd1_like(conv_in_channels=8),
+            r"an instruct-pix2pix checkpoint \(conv_in has 8 input channels\)",
+        ),
+        (
+            "lora.safetensors",
+            {
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(
+                    4, 320
+                ),
+                "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+            },
+            r"a LoRA/LyCORIS network \(lora_down/lora_up-style keys\)",
+        ),
+        (
+            "embedding.safetensors",
+            {"emb_params": torch.zeros(2, 768)},
+            r"a textual-inversion embedding",
+        ),
+        (
+            "vae.safetensors",
+            {
+                "encoder.conv_in.weight": torch.zeros(128, 3, 3, 3),
+                "decoder.conv_out.weight": torch.zeros(3, 128, 3, 3),
+            },
+            r"a VAE-only file \(encoder\./decoder\. keys\); pass it as vae=",
+        ),
+        (
+            "unet.safetensors",
+            {"conv_in.weight": torch.zeros(4), "down_blocks.0.x": torch.zeros(1)},
+            r"a diffusers-format UNet file; load the whole diffusers folder instead",
+        ),
+    ],
+)
 def test_other_kinds_are_refused_with_what_they_are(tmp_path, name, tensors, kind):
     path = write(tmp_path, name, tensors)
-    with pytest.raises(CheckpointError, match=(
-        rf"{name}: cannot load as an SD1\.x model: this looks like {kind}; "
-        r"expected an SD1\.x text-to-image checkpoint"
-    )):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            rf"{name}: cannot load as an SD1\.x model: this looks like {kind}; "
+            r"expected an SD1\.x text-to-image checkpoint"
+        ),
+    ):
         load_model(path)
 
 
@@ -94,9 +137,10 @@ def test_sd1_shapes_detect_as_sd1():
 def test_lora_given_as_vae(tmp_path):
     model = write(tmp_path, "model.safetensors", sd1_like())
     lora = write(tmp_path, "lora.safetensors", {"lora_te_x.lora_up.weight": torch.zeros(2, 2)})
-    with pytest.raises(CheckpointError, match=(
-        r"lora\.safetensors: not a VAE file: this looks like a LoRA/LyCORIS network"
-    )):
+    with pytest.raises(
+        CheckpointError,
+        match=(r"lora\.safetensors: not a VAE file: this looks like a LoRA/LyCORIS network"),
+    ):
         from sdstack.models.vae_file import load_vae_weights
 
         load_vae_weights(lora, None, torch.float32, torch.device("cpu"))
@@ -111,20 +155,26 @@ def test_truncated_safetensors(tmp_path):
     data = _valid_bytes(tmp_path)
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[:-1000])
-    with pytest.raises(CheckpointError, match=(
-        rf"cut\.safetensors: truncated safetensors file: the header declares {len(data)} bytes "
-        rf"but the file has {len(data) - 1000} \(1000 missing\); download it again"
-    )):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            rf"cut\.safetensors: truncated safetensors file: the header declares {len(data)} bytes "
+            rf"but the file has {len(data) - 1000} \(1000 missing\); download it again"
+        ),
+    ):
         load_model(path)
 
 
 def test_header_length_beyond_file(tmp_path):
     path = tmp_path / "huge.safetensors"
     path.write_bytes((10**6).to_bytes(8, "little") + b"{}")
-    with pytest.raises(CheckpointError, match=(
-        r"huge\.safetensors: corrupt or truncated safetensors header: header length 1000000 "
-        r"bytes, but the file has 10 bytes"
-    )):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            r"huge\.safetensors: corrupt or truncated safetensors header: header length 1000000 "
+            r"bytes, but the file has 10 bytes"
+        ),
+    ):
         load_model(path)
 
 
@@ -139,8 +189,11 @@ def test_header_entry_without_offsets(tmp_path):
     header = json.dumps({"w": {"dtype": "F32", "shape": [1]}}).encode()
     path = tmp_path / "entry.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
-    with pytest.raises(CheckpointError, match=r"entry\.safetensors: corrupt safetensors header: "
-                       r"entry 'w' is"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"entry\.safetensors: corrupt safetensors header: "
+        r"entry 'w' is",
+    ):
         load_model(path)
 
 
@@ -148,10 +201,14 @@ def test_pickle_with_custom_class_is_refused_not_executed(tmp_path):
     marker = tmp_path / "executed"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": sd1_like(), "payload": Payload()}, path)
-    with pytest.raises(CheckpointError, match=(
-        r"evil\.ckpt: refused to load this pickle checkpoint: it needs more than tensors to "
-        r"unpickle \(Unsupported global: GLOBAL tests\.models\.test_checkpoint_errors\.Payload\)"
-    )):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            r"evil\.ckpt: refused to load this pickle checkpoint: it needs more than tensors to "
+            r"unpickle \(Unsupported global: GLOBAL "
+            r"tests\.models\.test_checkpoint_errors\.Payload\)"
+        ),
+    ):
         load_model(path)
     touch = tmp_path / "touch.ckpt"
     torch.save({"state_dict": sd1_like(), "x": Touch(marker)}, touch)
@@ -178,14 +235,23 @@ def test_unknown_suffix_and_plain_folder(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize(("config", "kind"), [
-    ({"addition_embed_type": "text_time", "cross_attention_dim": 2048, "in_channels": 4},
-     r"an SDXL model \(addition_embed_type 'text_time'\)"),
-    ({"cross_attention_dim": 1024, "in_channels": 4},
-     r"an SD 2\.x model \(cross_attention_dim 1024\)"),
-    ({"cross_attention_dim": 768, "in_channels": 9},
-     r"an SD1\.x inpainting model \(in_channels 9\)"),
-])
+@pytest.mark.parametrize(
+    ("config", "kind"),
+    [
+        (
+            {"addition_embed_type": "text_time", "cross_attention_dim": 2048, "in_channels": 4},
+            r"an SDXL model \(addition_embed_type 'text_time'\)",
+        ),
+        (
+            {"cross_attention_dim": 1024, "in_channels": 4},
+            r"an SD 2\.x model \(cross_attention_dim 1024\)",
+        ),
+        (
+            {"cross_attention_dim": 768, "in_channels": 9},
+            r"an SD1\.x inpainting model \(in_channels 9\)",
+        ),
+    ],
+)
 def test_diffusers_folder_of_another_architecture(tmp_path, config, kind):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))

@@ -127,8 +127,11 @@ def test_same_dtype_load_shares_the_file_mapping(tiny_components, tmp_path, tiny
             for line in Path("/proc/self/maps").read_text().splitlines()
             if line.endswith(str(checkpoint))
         ]
-        outside = [name for name, p in model.unet.named_parameters()
-                   if not any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
+        outside = [
+            name
+            for name, p in model.unet.named_parameters()
+            if not any(lo <= p.data_ptr() < hi for lo, hi in ranges)
+        ]
         assert ranges and outside == []
     fp32 = load_model(checkpoint, config_dir=config, dtype="fp32")
     assert {p.dtype for p in fp32.unet.parameters()} == {torch.float32}
@@ -137,8 +140,9 @@ def test_same_dtype_load_shares_the_file_mapping(tiny_components, tmp_path, tiny
 def test_ckpt_weights_only_with_state_dict_wrapper(tiny_components, tmp_path, tiny_files):
     _, config = tiny_files
     checkpoint = tmp_path / "wrapped.ckpt"
-    torch.save({"state_dict": to_ldm_state_dict(tiny_components), "global_step": 470000},
-               checkpoint)
+    torch.save(
+        {"state_dict": to_ldm_state_dict(tiny_components), "global_step": 470000}, checkpoint
+    )
     model = load_model(checkpoint, config_dir=config)
     for part in ("unet", "vae", "text_encoder"):
         assert_same_tensors(getattr(tiny_components, part), getattr(model, part))
@@ -180,8 +184,12 @@ def test_old_diffusers_vae_attention_names(tiny_files, other_vae, tmp_path):
     from safetensors.torch import save_file
 
     checkpoint, config = tiny_files
-    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.",
-               ".to_out.0.": ".proj_attn."}
+    renames = {
+        ".to_q.": ".query.",
+        ".to_k.": ".key.",
+        ".to_v.": ".value.",
+        ".to_out.0.": ".proj_attn.",
+    }
     old = {}
     for key, tensor in other_vae.state_dict().items():
         for new, previous in renames.items():
@@ -207,8 +215,7 @@ def test_diffusers_folder(tiny_components, tmp_path):
         assert all(torch.equal(loaded[k], v.half()) for k, v in reference.items())
 
 
-def test_diffusers_folder_with_sharded_unet_and_separate_vae(tiny_components, other_vae,
-                                                             tmp_path):
+def test_diffusers_folder_with_sharded_unet_and_separate_vae(tiny_components, other_vae, tmp_path):
     folder = tmp_path / "sharded"
     tiny_components.unet.save_pretrained(folder / "unet", max_shard_size="200KB")
     tiny_components.vae.save_pretrained(folder / "vae")
@@ -248,25 +255,33 @@ def test_missing_unet_tensor_is_named(tiny_components, tiny_files, tmp_path):
     state = {k: v.contiguous() for k, v in to_ldm_state_dict(tiny_components).items()}
     del state["model.diffusion_model.out.2.weight"]
     save_file(state, tmp_path / "holes.safetensors")
-    with pytest.raises(CheckpointError, match=(
-        r"holes\.safetensors: SD1\.x checkpoint with an incomplete UNet: 1 tensors missing "
-        r"\(model\.diffusion_model\.out\.2\.weight\)"
-    )):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            r"holes\.safetensors: SD1\.x checkpoint with an incomplete UNet: 1 tensors missing "
+            r"\(model\.diffusion_model\.out\.2\.weight\)"
+        ),
+    ):
         load_model(tmp_path / "holes.safetensors", config_dir=config)
 
 
-def test_checkpoint_without_vae_needs_a_vae_file(tiny_components, tiny_files, other_vae,
-                                                 tmp_path):
+def test_checkpoint_without_vae_needs_a_vae_file(tiny_components, tiny_files, other_vae, tmp_path):
     from safetensors.torch import save_file
 
     _, config = tiny_files
-    state = {k: v.contiguous() for k, v in to_ldm_state_dict(tiny_components).items()
-             if not k.startswith(VAE_PREFIX)}
+    state = {
+        k: v.contiguous()
+        for k, v in to_ldm_state_dict(tiny_components).items()
+        if not k.startswith(VAE_PREFIX)
+    }
     save_file(state, tmp_path / "no-vae.safetensors")
-    with pytest.raises(CheckpointError, match=(
-        r"no-vae\.safetensors: SD1\.x checkpoint with an incomplete VAE: \d+ tensors missing "
-        r"\(first_stage_model\..*\); give a separate VAE file with vae="
-    )):
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            r"no-vae\.safetensors: SD1\.x checkpoint with an incomplete VAE: \d+ tensors missing "
+            r"\(first_stage_model\..*\); give a separate VAE file with vae="
+        ),
+    ):
         load_model(tmp_path / "no-vae.safetensors", config_dir=config)
     vae_file = _vae_files(other_vae, tmp_path)["bare"]
     model = load_model(tmp_path / "no-vae.safetensors", config_dir=config, vae=vae_file)
@@ -286,6 +301,7 @@ def test_cli_does_not_import_torch_for_the_models_package():
     import sys
 
     code = "import sys, sdstack.models; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, check=True
+    )
     assert out.stdout.strip() == "False"

@@ -76,22 +76,11 @@ def test_bad_arguments_are_reported(tmp_path, capsys, model_dir):
 
 
 def test_diffusers_pipeline_accepts_the_file(tmp_path, capsys, model_dir, tiny_components):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import load_file
 
     out = tmp_path / "fox.safetensors"
     assert _run(capsys, PROMPT, "--model", str(model_dir), "--out", str(out))[0] == 0
-    c = tiny_components
-    pipe = StableDiffusionPipeline(
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        unet=c.unet,
-        scheduler=DDIMScheduler(**c.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = tiny_components.diffusers_pipeline()
     pipe.set_progress_bar_config(disable=True)
     result = pipe(
         **load_file(str(out)), num_inference_steps=1, height=64, width=64, output_type="latent"

@@ -22,19 +22,7 @@ def encoder(tiny_text_encoder, tokenizer):
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_components):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    c = tiny_components
-    return StableDiffusionPipeline(
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        unet=c.unet,
-        scheduler=DDIMScheduler(**c.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return tiny_components.diffusers_pipeline()
 
 
 @pytest.mark.parametrize(

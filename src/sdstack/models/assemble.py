@@ -45,9 +45,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(
-            f"device: got {device!r}, expected one of {', '.join(DEVICES)}"
-        ) from error
+        raise ValueError(f"device: got {device!r}, expected one of {', '.join(DEVICES)}") from error
     if resolved.type not in DEVICES:
         raise ValueError(f"device: got {device!r}, expected one of {', '.join(DEVICES)}")
     if resolved.type == "cuda" and not torch.cuda.is_available():

@@ -55,3 +55,24 @@ class ModelComponents:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         return self
+
+    def diffusers_pipeline(self, scheduler: Any = None) -> Any:
+        """A diffusers ``StableDiffusionPipeline`` over these same modules (shared, not copied).
+
+        For interoperability and side-by-side checks against diffusers: no safety checker or
+        feature extractor; ``scheduler`` defaults to DDIM built from ``scheduler_config``.
+        """
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        if scheduler is None:
+            scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )

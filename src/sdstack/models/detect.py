@@ -21,8 +21,18 @@ SD1 = "SD1.x checkpoint"
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 SD1_CONTEXT_WIDTH = 768
 
-LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up",
-                "hada_w1", "lokr_w1", ".oft_", "lora_mid")
+LORA_MARKERS = (
+    "lora_down",
+    "lora_up",
+    "lora_A",
+    "lora_B",
+    "lora.down",
+    "lora.up",
+    "hada_w1",
+    "lokr_w1",
+    ".oft_",
+    "lora_mid",
+)
 
 
 class CheckpointError(ValueError):
@@ -40,12 +50,19 @@ def _not_a_model(keys: Sequence[str]) -> str:
     """Describe a file without UNet keys: LoRA, embedding, VAE, component file, unknown."""
     if any(marker in key for key in keys for marker in LORA_MARKERS):
         return "a LoRA/LyCORIS network (lora_down/lora_up-style keys)"
-    if any(key in ("string_to_param", "emb_params", "clip_l", "clip_g")
-           or key.startswith("string_to_param.") for key in keys):
+    if any(
+        key in ("string_to_param", "emb_params", "clip_l", "clip_g")
+        or key.startswith("string_to_param.")
+        for key in keys
+    ):
         return "a textual-inversion embedding"
     bare = [key.removeprefix(VAE_PREFIX) for key in keys]
-    if bare and all(key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.",
-                                    "loss.", "model_ema.")) for key in bare):
+    if bare and all(
+        key.startswith(
+            ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "loss.", "model_ema.")
+        )
+        for key in bare
+    ):
         return "a VAE-only file (encoder./decoder. keys); pass it as vae="
     if any(key.startswith((TEXT_PREFIX, VAE_PREFIX)) for key in keys):
         return f"an LDM checkpoint without a UNet (no {UNET_PREFIX}* keys)"
@@ -57,9 +74,7 @@ def _not_a_model(keys: Sequence[str]) -> str:
     return f"not a recognised model (first keys: {shown})"
 
 
-def detect_kind(
-    shapes: Mapping[str, Sequence[int]], context_width: int = SD1_CONTEXT_WIDTH
-) -> str:
+def detect_kind(shapes: Mapping[str, Sequence[int]], context_width: int = SD1_CONTEXT_WIDTH) -> str:
     """A short description of what the file holds; ``SD1`` for a loadable SD1.x model.
 
     ``context_width`` is the UNet cross-attention width the config expects (768 on SD1.x;

@@ -22,19 +22,32 @@ from sdstack.models.detect import CheckpointError
 from sdstack.models.single_file import TensorFile, open_tensor_file
 
 WEIGHT_NAMES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
-    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
-                     "pytorch_model.fp16.bin"),
+    "unet": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
+    "vae": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
+    "text_encoder": (
+        "model.safetensors",
+        "model.fp16.safetensors",
+        "pytorch_model.bin",
+        "pytorch_model.fp16.bin",
+    ),
 }
 
 
 def is_diffusers_folder(path: Path) -> bool:
     """A folder with ``model_index.json`` or a ``unet/config.json``."""
-    return path.is_dir() and ((path / "model_index.json").is_file()
-                              or (path / "unet" / "config.json").is_file())
+    return path.is_dir() and (
+        (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()
+    )
 
 
 class ShardedFile(TensorFile):

@@ -102,15 +102,22 @@ def unet_module_table(config: Mapping[str, Any]) -> list[ModuleRow]:
     index = 1
     for level, block_type in enumerate(config["down_block_types"]):
         for layer in range(layers):
-            rows.append((f"down_blocks.{level}.resnets.{layer}", f"input_blocks.{index}.0",
-                         UNET_RESNET_LEAVES))
+            rows.append(
+                (
+                    f"down_blocks.{level}.resnets.{layer}",
+                    f"input_blocks.{index}.0",
+                    UNET_RESNET_LEAVES,
+                )
+            )
             if block_type.startswith("CrossAttn"):
-                rows.append((f"down_blocks.{level}.attentions.{layer}",
-                             f"input_blocks.{index}.1", None))
+                rows.append(
+                    (f"down_blocks.{level}.attentions.{layer}", f"input_blocks.{index}.1", None)
+                )
             index += 1
         if level < levels - 1:
-            rows.append((f"down_blocks.{level}.downsamplers.0.conv",
-                         f"input_blocks.{index}.0.op", None))
+            rows.append(
+                (f"down_blocks.{level}.downsamplers.0.conv", f"input_blocks.{index}.0.op", None)
+            )
             index += 1
     rows += [
         ("mid_block.resnets.0", "middle_block.0", UNET_RESNET_LEAVES),
@@ -120,16 +127,27 @@ def unet_module_table(config: Mapping[str, Any]) -> list[ModuleRow]:
     index = 0
     for level, block_type in enumerate(config["up_block_types"]):
         for layer in range(layers + 1):
-            rows.append((f"up_blocks.{level}.resnets.{layer}", f"output_blocks.{index}.0",
-                         UNET_RESNET_LEAVES))
+            rows.append(
+                (
+                    f"up_blocks.{level}.resnets.{layer}",
+                    f"output_blocks.{index}.0",
+                    UNET_RESNET_LEAVES,
+                )
+            )
             slot = 1
             if block_type.startswith("CrossAttn"):
-                rows.append((f"up_blocks.{level}.attentions.{layer}",
-                             f"output_blocks.{index}.1", None))
+                rows.append(
+                    (f"up_blocks.{level}.attentions.{layer}", f"output_blocks.{index}.1", None)
+                )
                 slot = 2
             if layer == layers and level < levels - 1:
-                rows.append((f"up_blocks.{level}.upsamplers.0.conv",
-                             f"output_blocks.{index}.{slot}.conv", None))
+                rows.append(
+                    (
+                        f"up_blocks.{level}.upsamplers.0.conv",
+                        f"output_blocks.{index}.{slot}.conv",
+                        None,
+                    )
+                )
             index += 1
     rows += [("conv_norm_out", "out.0", None), ("conv_out", "out.2", None)]
     return rows
@@ -155,19 +173,39 @@ def vae_module_table(config: Mapping[str, Any]) -> list[ModuleRow]:
         ]
     for level in range(levels):
         for layer in range(layers):
-            rows.append((f"encoder.down_blocks.{level}.resnets.{layer}",
-                         f"encoder.down.{level}.block.{layer}", VAE_RESNET_LEAVES))
+            rows.append(
+                (
+                    f"encoder.down_blocks.{level}.resnets.{layer}",
+                    f"encoder.down.{level}.block.{layer}",
+                    VAE_RESNET_LEAVES,
+                )
+            )
         if level < levels - 1:
-            rows.append((f"encoder.down_blocks.{level}.downsamplers.0.conv",
-                         f"encoder.down.{level}.downsample.conv", None))
+            rows.append(
+                (
+                    f"encoder.down_blocks.{level}.downsamplers.0.conv",
+                    f"encoder.down.{level}.downsample.conv",
+                    None,
+                )
+            )
     for level in range(levels):
         ldm_level = levels - 1 - level
         for layer in range(layers + 1):
-            rows.append((f"decoder.up_blocks.{level}.resnets.{layer}",
-                         f"decoder.up.{ldm_level}.block.{layer}", VAE_RESNET_LEAVES))
+            rows.append(
+                (
+                    f"decoder.up_blocks.{level}.resnets.{layer}",
+                    f"decoder.up.{ldm_level}.block.{layer}",
+                    VAE_RESNET_LEAVES,
+                )
+            )
         if level < levels - 1:
-            rows.append((f"decoder.up_blocks.{level}.upsamplers.0.conv",
-                         f"decoder.up.{ldm_level}.upsample.conv", None))
+            rows.append(
+                (
+                    f"decoder.up_blocks.{level}.upsamplers.0.conv",
+                    f"decoder.up.{ldm_level}.upsample.conv",
+                    None,
+                )
+            )
     rows += [("quant_conv", "quant_conv", None), ("post_quant_conv", "post_quant_conv", None)]
     return rows
 

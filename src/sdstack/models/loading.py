@@ -75,8 +75,11 @@ def model_configs(config_dir: str | Path | None) -> ModelConfigs:
 
 
 def _text_encoder(
-    tensors: dict[str, torch.Tensor], path: Path, config: dict[str, Any] | None,
-    dtype: torch.dtype, device: torch.device,
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    config: dict[str, Any] | None,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Any:
     from sdstack.models.text_encoder import build_text_encoder
 
@@ -87,8 +90,11 @@ def _text_encoder(
 
 
 def _vae(
-    source: TensorFile, vae_path: Path | None, configs: ModelConfigs,
-    dtype: torch.dtype, device: torch.device,
+    source: TensorFile,
+    vae_path: Path | None,
+    configs: ModelConfigs,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Any:
     from diffusers import AutoencoderKL
 
@@ -100,8 +106,11 @@ def _vae(
 
 
 def load_single_file(
-    path: Path, vae_path: Path | None, configs: ModelConfigs,
-    dtype: torch.dtype, device: torch.device,
+    path: Path,
+    vae_path: Path | None,
+    configs: ModelConfigs,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[Any, Any, Any]:
     """(unet, vae, text_encoder) from an LDM-layout single-file checkpoint."""
     from diffusers import UNet2DConditionModel
@@ -141,8 +150,9 @@ def load_folder(
             vae = fill_vae(source, vae, dtype, device)
     with open_component_weights(folder, "text_encoder") as source:
         text = {key: source.tensor(key) for key in source}
-    text_encoder = _text_encoder(text, source.path, component_config(folder, "text_encoder"),
-                                 dtype, device)
+    text_encoder = _text_encoder(
+        text, source.path, component_config(folder, "text_encoder"), dtype, device
+    )
     return unet, vae, text_encoder
 
 
@@ -200,7 +210,8 @@ def load_model(
         unet, vae_model, text_encoder = load_folder(path, vae_path, torch_dtype, torch_device)
     else:
         unet, vae_model, text_encoder = load_single_file(
-            path, vae_path, configs, torch_dtype, torch_device)
+            path, vae_path, configs, torch_dtype, torch_device
+        )
     # 3. Assemble.
     return ModelComponents(
         unet=unet,

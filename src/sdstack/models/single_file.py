@@ -152,8 +152,14 @@ def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _weights_only_refusal(path: Path, error: Exception) -> CheckpointError:
     lines = [line.strip() for line in str(error).splitlines()]
-    reason = next((line for line in lines if "Unsupported global" in line or
-                   "WeightsUnpickler error" in line), lines[-1] if lines else "")
+    reason = next(
+        (
+            line
+            for line in lines
+            if "Unsupported global" in line or "WeightsUnpickler error" in line
+        ),
+        lines[-1] if lines else "",
+    )
     reason = reason.split("WeightsUnpickler error:")[-1].split(" was not an allowed global")[0]
     reason = reason.strip()
     return CheckpointError(
@@ -186,8 +192,9 @@ def _unwrap(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
         if not isinstance(loaded, dict):
             break
         wrapper = next((key for key in WRAPPER_KEYS if isinstance(loaded.get(key), dict)), None)
-        if wrapper is None or any(isinstance(v, torch.Tensor) and "." in k
-                                  for k, v in loaded.items()):
+        if wrapper is None or any(
+            isinstance(v, torch.Tensor) and "." in k for k, v in loaded.items()
+        ):
             break
         loaded = loaded[wrapper]
     if not isinstance(loaded, dict):

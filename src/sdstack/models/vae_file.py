@@ -82,9 +82,7 @@ def fill_vae(source: TensorFile, vae: Any, dtype: torch.dtype, device: torch.dev
     return assign_tensors(vae, tensors, source.path, "VAE")
 
 
-def load_vae_weights(
-    path: str | Path, vae: Any, dtype: torch.dtype, device: torch.device
-) -> Any:
+def load_vae_weights(path: str | Path, vae: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """``fill_vae`` from a separate VAE file (``.safetensors``/``.pt``/``.ckpt``).
 
     Raises:
