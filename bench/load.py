@@ -1,8 +1,10 @@
 """Checkpoint file -> ready SD1.x pipeline: sdstack ``load_model`` vs diffusers
 ``StableDiffusionPipeline.from_single_file(ckpt, config=folder)``.
 
-Each measurement runs in a fresh subprocess (cold Python, warm page cache after the first
-repeat). Reported per side: ``load`` = the load call alone (imports excluded),
+Each measurement runs in a fresh subprocess (cold Python); the file is read once before
+the first run so that both sides find it in the page cache, and the sides alternate run by
+run. The header says whether accelerate is installed: without it diffusers random-initialises
+every weight before loading. Reported per side: ``load`` = the load call alone (imports excluded),
 ``load+touch`` = load plus reading every parameter once (a checksum), which pages in
 memory-mapped weights so that lazy loading is not counted as free; peak RSS is the
 worker's ``ru_maxrss`` after the touch (the whole process, imports included).
@@ -95,10 +97,37 @@ def run_side(side: str, checkpoint: Path, config: Path, dtype: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def median_runs(side: str, checkpoint: Path, config: Path, dtype: str, repeats: int) -> dict:
-    runs = [run_side(side, checkpoint, config, dtype) for _ in range(repeats)]
+def warm_page_cache(path: Path) -> None:
+    """Read the file once so that neither side pays for the disk (both get a warm cache)."""
+    with path.open("rb", buffering=0) as handle:
+        while handle.read(64 << 20):
+            pass
+
+
+def alternating_medians(
+    checkpoint: Path, config: Path, dtype: str, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Per side, the medians of ``repeats`` runs; the two sides alternate run by run."""
+    runs: dict[str, list[dict]] = {"sdstack": [], "diffusers": []}
+    for _ in range(repeats):
+        for side, side_runs in runs.items():
+            side_runs.append(run_side(side, checkpoint, config, dtype))
     keys = ("import_s", "load_s", "touch_s", "baseline_mb", "peak_mb")
-    return {key: statistics.median(run[key] for run in runs) for key in keys}
+    return {
+        side: {key: statistics.median(run[key] for run in side_runs) for key in keys}
+        for side, side_runs in runs.items()
+    }
+
+
+def peer_versions() -> str:
+    """diffusers' version, and whether accelerate (which changes its loading) is installed."""
+    from importlib import metadata
+
+    try:
+        accelerate = f"accelerate {metadata.version('accelerate')} installed"
+    except metadata.PackageNotFoundError:
+        accelerate = "accelerate not installed (diffusers initialises the weights first)"
+    return f"diffusers {metadata.version('diffusers')}, {accelerate}"
 
 
 def table(results: dict[tuple[str, str], dict]) -> str:
@@ -146,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint, default_config = make()
         args.config = args.config or default_config
     repeats = args.repeats or (1 if args.quick else 3)
+    warm_page_cache(args.checkpoint)
     results = {}
     for dtype in args.dtype or ["fp16", "fp32"]:
-        for side in ("sdstack", "diffusers"):
-            results[(dtype, side)] = median_runs(side, args.checkpoint, args.config, dtype, repeats)
+        medians = alternating_medians(args.checkpoint, args.config, dtype, repeats)
+        for side, values in medians.items():
+            results[(dtype, side)] = values
     size = args.checkpoint.stat().st_size / 1e6
-    print(f"checkpoint {args.checkpoint.name} ({size:.0f} MB), {repeats} run(s) per cell, median\n")
+    print(f"checkpoint {args.checkpoint.name} ({size:.0f} MB), {repeats} run(s) per cell, median")
+    print(f"{peer_versions()}; page cache warmed first; sides alternate run by run\n")
     print(table(results))
     return 0
 
