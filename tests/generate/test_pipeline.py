@@ -27,9 +27,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SMALL = {"width": 64, "height": 64, "steps": 3, "sampler": "Euler", "cfg_scale": 5.0}
 
 
-def run(components, prompt="a red cat", *, callback=None, cancel=None, **overrides):
+def run(components, prompt="a red cat", *, callback=None, cancel=None, on_image=None, **overrides):
     params = GenerationParams(prompt, **{**SMALL, **overrides})
-    return generate(components, params, callback=callback, cancel=cancel)
+    return generate(components, params, callback=callback, cancel=cancel, on_image=on_image)
 
 
 def pixels(result) -> np.ndarray:
@@ -323,3 +323,26 @@ def test_fractional_clip_skip_blends_and_is_recorded(tiny_components):
     assert not np.array_equal(pixels(half), pixels(two))
     with pytest.raises(GenerationParamsError, match=r"clip_skip must be in \[1, 12\], got 0.5"):
         run(tiny_components, clip_skip=0.5)
+
+
+def test_on_image_delivers_finished_batches_before_a_later_cancel(tiny_components):
+    """Images reach ``on_image`` as they are decoded: a cancel in batch 2 keeps batch 1."""
+    delivered = []
+    calls = {"n": 0}
+
+    def cancel_in_second_batch() -> bool:
+        calls["n"] += 1
+        return calls["n"] > SMALL["steps"]  # checked before each call: batch 2's first
+
+    with pytest.raises(GenerationCancelled):
+        run(
+            tiny_components,
+            seed=11,
+            batch_size=2,
+            batch_count=2,
+            cancel=cancel_in_second_batch,
+            on_image=delivered.append,
+        )
+    assert [result.seed for result in delivered] == [11, 12]
+    single = run(tiny_components, seed=12)[0]  # batched convolutions may round differently
+    assert np.abs(pixels(delivered[1]).astype(int) - pixels(single)).max() <= 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 DEMO_PROMPT = "a (red:1.3) [cat:fox:0.5] in a garden, [[blurry]] AND sunset sky :0.6"
@@ -238,8 +239,11 @@ def _load_init_image(path: str | None) -> Any:
         return image.convert("RGB")
 
 
-def run_with_progress(components: Any, params: Any, embeddings: Any = None) -> list[Any]:
-    """``generate`` with a tqdm bar on stderr over all denoiser calls."""
+def run_with_progress(
+    components: Any, params: Any, save: Callable[[Any], Any], embeddings: Any = None
+) -> list[Any]:
+    """``generate`` with a tqdm bar on stderr over all denoiser calls; ``save(result)`` runs
+    for each image as soon as it is decoded, so finished images survive a later failure."""
     from tqdm import tqdm
 
     from sdstack.generate import generate
@@ -251,7 +255,12 @@ def run_with_progress(components: Any, params: Any, embeddings: Any = None) -> l
                 bar.reset(total=total)
             bar.update(step - bar.n)
 
-        return generate(components, params, embeddings=embeddings, callback=callback)
+        def on_image(result: Any) -> None:
+            bar.write(str(save(result)), file=sys.stdout)
+
+        return generate(
+            components, params, embeddings=embeddings, callback=callback, on_image=on_image
+        )
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -275,10 +284,13 @@ def run_generate(args: argparse.Namespace) -> int:
         width = components.text_encoder.get_input_embeddings().embedding_dim
         embeddings = EmbeddingLibrary.from_dir(args.embeddings, width=width)
     _note_other_model(info, components)
-    for result in run_with_progress(components, params, embeddings):
-        print(
-            save_image(result.image, result.infotext, args.out, seed=result.seed, fmt=args.format)
+
+    def save(result: Any) -> Any:
+        return save_image(
+            result.image, result.infotext, args.out, seed=result.seed, fmt=args.format
         )
+
+    run_with_progress(components, params, save, embeddings)
     return 0
 
 
@@ -298,8 +310,11 @@ def run_demo(args: argparse.Namespace) -> int:
         width=width,
         height=height,
     )
-    result = run_with_progress(tiny_components(seed=0), params)[0]
-    print(save_image(result.image, result.infotext, args.out, seed=result.seed))
+
+    def save(result: Any) -> Any:
+        return save_image(result.image, result.infotext, args.out, seed=result.seed)
+
+    result = run_with_progress(tiny_components(seed=0), params, save)[0]
     print(result.infotext)
     return 0
 

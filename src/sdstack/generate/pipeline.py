@@ -173,6 +173,7 @@ def generate(
     embeddings: Any = None,
     callback: ProgressCallback | None = None,
     cancel: Any = None,
+    on_image: Callable[[GeneratedImage], None] | None = None,
 ) -> list[GeneratedImage]:
     """Reference txt2img/img2img: ``batch_count`` batches of ``batch_size`` images.
 
@@ -197,6 +198,9 @@ def generate(
             ``step`` counts from 1 over the whole job, ``total_steps`` = denoiser calls
             of all batches.
         cancel: ``threading.Event``-like or callable; checked before every denoiser call.
+        on_image: ``on_image(result)`` for each image as soon as it is decoded, before the
+            next batch starts (so a caller can save it: a later failure or cancellation
+            then loses nothing already made).
 
     Returns:
         One :class:`GeneratedImage` per image, in seed order.
@@ -226,6 +230,8 @@ def generate(
             image_fields = {**fields, "Seed": image_seed, **_pad_field(job.denoiser)}
             infotext = build_infotext(params.prompt, params.negative, image_fields)
             results.append(GeneratedImage(image, image_seed, infotext, len(results)))
+            if on_image is not None:
+                on_image(results[-1])
     return results
 
 
