@@ -138,3 +138,21 @@ def test_load_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no text-encoder weights in folder"):
         load_text_encoder(tmp_path / "empty")
+
+
+def test_load_reads_files_as_load_model_does(tmp_path, state):
+    """Truncated safetensors and unsafe pickles get load_model's errors, not raw exceptions."""
+    from safetensors.torch import save_file
+
+    from sdstack.models import CheckpointError
+
+    path = tmp_path / "te.safetensors"
+    save_file(state, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"te\.safetensors: truncated safetensors file"):
+        load_text_encoder(path)
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    torch.save({"weights": state, "hook": print}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refused to load this pickle checkpoint"):
+        load_text_encoder(folder)

@@ -71,20 +71,32 @@ class ShardedFile(TensorFile):
             shard.close()
 
 
+def open_weights_in(folder: Path, names: tuple[str, ...]) -> TensorFile | None:
+    """The weights in one component folder: its sharded ``*.safetensors.index.json``, else
+    the first of ``names`` that exists; ``None`` when there is neither.
+
+    Raises:
+        CheckpointError: a corrupt/truncated weight file or a refused pickle.
+    """
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        weight_map = read_json(index).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+        return ShardedFile(index, [open_tensor_file(folder / name) for name in shards])
+    for name in names:
+        if (folder / name).is_file():
+            return open_tensor_file(folder / name)
+    return None
+
+
 def open_component_weights(folder: Path, part: str) -> TensorFile:
     """The weights of ``folder/part`` (first file found in ``WEIGHT_NAMES[part]``, or shards).
 
     Raises:
         CheckpointError: no weight file in the component folder.
     """
-    sub = folder / part
-    for index in sorted(sub.glob("*.safetensors.index.json")):
-        weight_map = read_json(index).get("weight_map", {})
-        names = sorted(set(weight_map.values()))
-        return ShardedFile(index, [open_tensor_file(sub / name) for name in names])
-    for name in WEIGHT_NAMES[part]:
-        if (sub / name).is_file():
-            return open_tensor_file(sub / name)
+    source = open_weights_in(folder / part, WEIGHT_NAMES[part])
+    if source is not None:
+        return source
     raise CheckpointError(
         f"{folder}: diffusers folder without {part} weights: expected {part}/ to hold one of "
         f"{', '.join(WEIGHT_NAMES[part])}"

@@ -25,9 +25,12 @@ import json
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from sdstack.models.single_file import TensorFile
 
 TEXT_KEY_PREFIXES = (
     "cond_stage_model.transformer.text_model.",
@@ -45,8 +48,6 @@ MODULE_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
 _CONFIG_ONLY_KEYS = frozenset(
     {"architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "model_type"}
 )
-WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin")
-"""Weight file names tried, in order, in a diffusers ``text_encoder`` folder."""
 
 
 class TextEncoderError(ValueError):
@@ -206,29 +207,9 @@ def build_text_encoder(
     return model.eval()
 
 
-def _read_weights(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-def _folder_weights(folder: Path) -> dict[str, Any]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        weights: dict[str, Any] = {}
-        for shard in shards:
-            weights.update(_read_weights(folder / shard))
-        return weights
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return _read_weights(folder / name)
-    raise FileNotFoundError(
-        f"no text-encoder weights in folder {str(folder)!r}: expected one of "
-        f"{', '.join(WEIGHT_FILES)} (or a sharded model.safetensors.index.json)"
-    )
+def _read_all(source: TensorFile) -> dict[str, torch.Tensor]:
+    with source:
+        return {key: source.tensor(key) for key in source}
 
 
 def load_text_encoder(
@@ -254,15 +235,27 @@ def load_text_encoder(
 
     Raises:
         FileNotFoundError: the path, or the weights inside the folder, do not exist.
+        CheckpointError: a truncated or corrupt weight file, or a pickle that needs more
+            than tensors (refused, never run): read as ``sdstack.models.load_model`` does.
         TextEncoderError: the tensors are not an SD1.x CLIP text encoder.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"text encoder path {str(path)!r} does not exist")
+    from sdstack.models.diffusers_folder import WEIGHT_NAMES, open_weights_in
+    from sdstack.models.single_file import open_tensor_file
+
     if path.is_file():
-        return build_text_encoder(_read_weights(path), config=config, dtype=dtype, device=device)
+        tensors = _read_all(open_tensor_file(path))
+        return build_text_encoder(tensors, config=config, dtype=dtype, device=device)
     folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path
     config_file = folder / "config.json"
     if config is None and config_file.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    return build_text_encoder(_folder_weights(folder), config=config, dtype=dtype, device=device)
+    source = open_weights_in(folder, WEIGHT_NAMES["text_encoder"])
+    if source is None:
+        raise FileNotFoundError(
+            f"no text-encoder weights in folder {str(folder)!r}: expected one of "
+            f"{', '.join(WEIGHT_NAMES['text_encoder'])} (or a sharded *.safetensors.index.json)"
+        )
+    return build_text_encoder(_read_all(source), config=config, dtype=dtype, device=device)
