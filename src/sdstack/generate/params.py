@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdstack.generate.samplers import resolve_sampler
+from sdstack.text.emphasis import EMPHASIS_MODES
 
 MIN_SIZE = 64
 MAX_SIZE = 4096
 MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
 MAX_SEED = 2**32 - 1
-EMPHASIS_MODES = ("original", "no-norm", "ignore", "comfy")
 
 
 class GenerationParamsError(ValueError):

@@ -227,7 +227,7 @@ def chunk_fragments(
         matcher: finds textual-inversion names in each fragment's ids.
         comma_backtrack: the reference ``comma_padding_backtrack`` option, 0..74.
     """
-    _check_comma_backtrack(comma_backtrack)
+    check_comma_backtrack(comma_backtrack)
     builder = _ChunkBuilder(comma_backtrack)
     for index, (tokens, weight) in enumerate(fragments):
         if is_break is not None and is_break[index]:
@@ -253,7 +253,12 @@ def chunk_fragments(
     return PromptChunks(chunks=tuple(builder.chunks), token_count=builder.token_count)
 
 
-def _check_comma_backtrack(comma_backtrack: int) -> None:
+def check_comma_backtrack(comma_backtrack: int) -> int:
+    """The reference ``comma_padding_backtrack`` option, checked: an integer in 0..74.
+
+    Raises:
+        ValueError: anything else, naming the argument, range and value.
+    """
     if (
         not isinstance(comma_backtrack, int)
         or isinstance(comma_backtrack, bool)
@@ -262,6 +267,7 @@ def _check_comma_backtrack(comma_backtrack: int) -> None:
         raise ValueError(
             f"comma_backtrack must be an integer in 0..{CHUNK_LENGTH - 1}, got {comma_backtrack!r}"
         )
+    return comma_backtrack
 
 
 def _tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -357,7 +363,7 @@ def tokenize_prompt(
             more than 75 vectors; a vector count is not a positive integer.
     """
     # 1. Check inputs.
-    _check_comma_backtrack(comma_backtrack)
+    check_comma_backtrack(comma_backtrack)
     # 2. Emphasis fragments; BREAK markers are not tokenized.
     parsed = parse_attention(text) if parse_emphasis else [(text, 1.0)]
     is_break = [piece == "BREAK" and weight == BREAK_WEIGHT for piece, weight in parsed]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from sdstack.prompt import PromptChunks, tokenize_prompt
+from sdstack.prompt.chunks import check_comma_backtrack
 from sdstack.text.clip_skip import (
     check_clip_skip,
     clip_skip_output,
@@ -54,12 +55,6 @@ def _embedding_vectors(embeddings: Mapping[str, Any] | None, width: int) -> dict
     return vectors
 
 
-def _check_comma_backtrack(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 74:
-        raise ValueError(f"comma_backtrack must be an integer in 0..74, got {value!r}")
-    return value
-
-
 class PromptEncoder:
     """Reference (A1111 v1.10) SD1.x text conditioning over a transformers ``CLIPTextModel``.
 
@@ -87,7 +82,7 @@ class PromptEncoder:
         self.text_model = text_model
         self.tokenizer = tokenizer
         self.embeddings = embeddings
-        self.comma_backtrack = _check_comma_backtrack(comma_backtrack)
+        self.comma_backtrack = check_comma_backtrack(comma_backtrack)
         self._vectors = _embedding_vectors(embeddings, self.width)
         self._counts = {name: int(v.shape[0]) for name, v in self._vectors.items()}
 
