@@ -198,3 +198,8 @@ def test_is_cancelled_accepts_callables_and_events():
 def test_pad_with_empty_needs_whole_chunks():
     with pytest.raises(ValueError, match=r"cannot pad 100 tokens to 154 with 77-token empty"):
         pad_with_empty(torch.zeros(1, 100, 4), 154, torch.zeros(1, 77, 4))
+
+
+def test_pad_conds_needs_the_empty_conditioning():
+    with pytest.raises(ValueError, match="pad_conds needs empty, the empty prompt's conditioning"):
+        GuidedDenoiser(torch.nn.Identity(), [], [], 7.0, None, pad_conds=True)

@@ -121,12 +121,16 @@ class GuidedDenoiser:
         cond_schedule: the prompt's schedule (AND parts with weights).
         uncond_schedule: the negative prompt's schedule (one part each).
         cfg_scale: guidance scale.
-        empty: the empty prompt's conditioning (one chunk; used with ``pad_conds``).
+        empty: the empty prompt's conditioning (one chunk); needed only with ``pad_conds``,
+            may be None otherwise.
         pad_conds: pad the shorter of positive/negative with ``empty`` chunks and make
             one call (reference option "Pad prompt/negative prompt").
 
     Attributes:
         padded: True once some denoiser call's context was padded with ``empty``.
+
+    Raises:
+        ValueError: ``pad_conds`` without ``empty``.
     """
 
     def __init__(
@@ -135,7 +139,7 @@ class GuidedDenoiser:
         cond_schedule: Schedule,
         uncond_schedule: Schedule,
         cfg_scale: float,
-        empty: Any,
+        empty: Any | None,
         *,
         pad_conds: bool = False,
     ) -> None:
@@ -143,6 +147,8 @@ class GuidedDenoiser:
         self.cond_schedule = cond_schedule
         self.uncond_schedule = uncond_schedule
         self.cfg_scale = float(cfg_scale)
+        if pad_conds and empty is None:
+            raise ValueError("pad_conds needs empty, the empty prompt's conditioning")
         self.empty = empty
         self.pad_conds = bool(pad_conds)
         self.padded = False

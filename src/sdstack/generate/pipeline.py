@@ -143,7 +143,8 @@ def _prepare(components: Any, params: GenerationParams, embeddings: Any) -> _Job
     schedule_steps = spec.schedule_steps(params.steps)
     cond = encoder.encode_schedule(params.prompt, schedule_steps, split_and=True, **style)
     uncond = encoder.encode_schedule(params.negative, schedule_steps, split_and=False, **style)
-    empty = encoder.empty(**style)
+    # The empty prompt pads conditionings only with pad_conds: skip its forward otherwise.
+    empty = encoder.empty(**style) if params.pad_conds else None
     denoiser = GuidedDenoiser(
         components.unet, cond, uncond, params.cfg_scale, empty, pad_conds=params.pad_conds
     )
