@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -132,22 +131,17 @@ def write_conditioning(out: Path, tensors: dict[str, Any], metadata: dict[str, s
     """
     from safetensors.torch import save_file
 
+    from sdstack.atomic_files import temporary_file
     from sdstack.cli import CommandError
 
     if out.exists():
         raise CommandError(f"--out {str(out)!r} already exists; choose a new file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    try:
+    with temporary_file(out.parent, suffix=".safetensors") as temporary:
         contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-        save_file(contiguous, tmp, metadata=metadata)
+        save_file(contiguous, str(temporary), metadata=metadata)
         if out.exists():
             raise CommandError(f"--out {str(out)!r} already exists; choose a new file name")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.replace(temporary, out)
 
 
 def run_encode(args: argparse.Namespace) -> int:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from sdstack.atomic_files import temporary_file
 
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
@@ -67,12 +68,9 @@ def save_image(
         raise ValueError(f"image format {fmt!r} is not supported; use one of: png, jpg, webp")
     pil_format = FORMATS[fmt.lower()]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     kwargs = _save_kwargs(image, infotext, pil_format) if infotext else {}
-    handle, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=f".{fmt}", dir=out)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format=pil_format, **kwargs)
+    with temporary_file(out, suffix=f".{fmt}") as temporary:
+        image.save(temporary, format=pil_format, **kwargs)
         index = next_index(out)
         suffix = f"-{seed}" if seed is not None else ""
         while True:
@@ -80,10 +78,7 @@ def save_image(
             if not target.exists():
                 break
             index += 1
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+        os.replace(temporary, target)
     return target
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sdstack.atomic_files import temporary_file
 from sdstack.models.safetensors_header import read_safetensors_header
 
 BLOCK_SIZE = 1024 * 1024
@@ -80,15 +80,9 @@ def _write_cache(cache_path: Path, sections: dict[str, dict]) -> None:
     """Write the cache atomically; warn (never raise) when that is impossible."""
     payload = json.dumps({"version": CACHE_VERSION, "sections": sections}, indent=1)
     try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(prefix=".hashes-", suffix=".tmp", dir=cache_path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(payload)
-            os.replace(temp_name, cache_path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        with temporary_file(cache_path.parent, suffix=".json") as temporary:
+            temporary.write_text(payload, encoding="utf-8")
+            os.replace(temporary, cache_path)
     except OSError as error:
         warnings.warn(
             f"could not write the hash cache {cache_path}: {error}; hashes will be "

@@ -284,14 +284,17 @@ def save_single_file(
     The file is written next to ``path`` under a temporary name, then renamed over it.
     """
     import os
+    from pathlib import Path
 
     from safetensors.torch import save_file
+
+    from sdstack.atomic_files import temporary_file
 
     state = {}
     for key, tensor in to_ldm_state_dict(components).items():
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[key] = tensor.detach().contiguous()
-    temporary = f"{os.fspath(path)}.partial"
-    save_file(state, temporary, metadata={"format": "pt", **(metadata or {})})
-    os.replace(temporary, path)
+    with temporary_file(Path(path).parent, suffix=".safetensors") as temporary:
+        save_file(state, str(temporary), metadata={"format": "pt", **(metadata or {})})
+        os.replace(temporary, path)
