@@ -8,16 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sdstack.text import PromptEncoder
 from sdstack.text.clip_skip import final_layer_norm, token_embedding
 from tests.text import direct_layer, direct_output
 
 PROMPT = "a photo of a cat"
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_text_encoder, tokenizer):
-    return PromptEncoder(tiny_text_encoder, tokenizer)
 
 
 @pytest.fixture(scope="module")

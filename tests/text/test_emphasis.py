@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdstack.text import EMPHASIS_MODES, PromptEncoder, check_emphasis
+from sdstack.text import EMPHASIS_MODES, check_emphasis
 from sdstack.text.emphasis import apply_emphasis, emphasis_original
 from tests.text import direct_layer, direct_original
 
 WEIGHTED = "a (red:1.5) [cat] (dog:0.7), ((sky))"
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_text_encoder, tokenizer):
-    return PromptEncoder(tiny_text_encoder, tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,6 @@ LONG = ", ".join(f"(word{i}:1.1) thing" for i in range(40))
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_text_encoder, tokenizer):
-    return PromptEncoder(tiny_text_encoder, tokenizer)
-
-
-@pytest.fixture(scope="module")
 def pipeline(tiny_components):
     return tiny_components.diffusers_pipeline()
 
