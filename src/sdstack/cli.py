@@ -17,16 +17,18 @@ import sys
 from collections.abc import Sequence
 
 from sdstack import __version__
+from sdstack.errors import SdstackError
 
 COMMAND_MODULES = (
     "sdstack.commands.prompt",
     "sdstack.commands.encode",
     "sdstack.commands.generate",
+    "sdstack.commands.info",
     "sdstack.commands.models",
 )
 
 
-class CommandError(Exception):
+class CommandError(SdstackError):
     """A user-facing failure: printed as ``sdstack: error: <message>``, exit status 2."""
 
 

@@ -1,4 +1,4 @@
-"""The ``sdstack generate``, ``sdstack demo`` and ``sdstack info`` commands.
+"""The ``sdstack generate`` and ``sdstack demo`` commands.
 
 torch and diffusers are imported inside the handlers, so ``--help`` stays fast.
 """
@@ -6,7 +6,6 @@ torch and diffusers are imported inside the handlers, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +41,7 @@ def _clip_skip(text: str) -> float:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``generate``, ``demo`` and ``info`` parsers."""
+    """Add the ``generate`` and ``demo`` parsers."""
     _add_generate(subparsers)
     demo = subparsers.add_parser(
         "demo",
@@ -58,15 +57,6 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--size", default="128x128", help="WxH (default: 128x128)")
     demo.add_argument("--sampler", default="Euler a", help="sampler (default: Euler a)")
     demo.set_defaults(handler=run_demo)
-    info = subparsers.add_parser(
-        "info",
-        help="print the generation parameters stored in an image",
-        description="Read an image's infotext (PNG 'parameters' chunk, or JPEG/WebP EXIF "
-        "UserComment) and print it parsed as the reference UI's PNG Info does.",
-    )
-    info.add_argument("image", help="PNG, JPEG or WebP file")
-    info.add_argument("--json", action="store_true", help="print a JSON object")
-    info.set_defaults(handler=run_info)
 
 
 def _add_generate(subparsers: Any) -> None:
@@ -316,21 +306,4 @@ def run_demo(args: argparse.Namespace) -> int:
 
     result = run_with_progress(tiny_components(seed=0), params, save)[0]
     print(result.infotext)
-    return 0
-
-
-def run_info(args: argparse.Namespace) -> int:
-    """Handler of ``sdstack info``."""
-    from sdstack.cli import CommandError
-    from sdstack.generate import parse_infotext, read_infotext
-
-    text = read_infotext(args.image)
-    if not text:
-        raise CommandError(f"{args.image!r} holds no infotext")
-    parsed = parse_infotext(text)
-    if args.json:
-        print(json.dumps(parsed, indent=2, ensure_ascii=False))
-        return 0
-    for key, value in parsed.items():
-        print(f"{key}: {value}")
     return 0

@@ -2,47 +2,51 @@
 
 Reference (AUTOMATIC1111 v1.10) behaviour: sampler names and schedule types, per-step
 prompt schedules, AND (composable diffusion), seeds ``seed + i``, infotext.
+
+Names are imported on first use, so ``from sdstack.generate import parse_infotext``
+(``sdstack info``) does not import torch.
 """
 
-from sdstack.generate.denoise import GenerationCancelled, GuidedDenoiser, combine_guidance
-from sdstack.generate.images import InfotextError, read_infotext, save_image
-from sdstack.generate.infotext import (
-    build_infotext,
-    generation_fields,
-    params_from_infotext,
-    parse_infotext,
-)
-from sdstack.generate.params import GenerationParams, GenerationParamsError, check_inputs
-from sdstack.generate.pipeline import GeneratedImage, generate
-from sdstack.generate.samplers import (
-    SAMPLERS,
-    SCHEDULE_TYPES,
-    SamplerSpec,
-    SamplerUnavailableError,
-    UnknownSamplerError,
-    resolve_sampler,
-)
+from __future__ import annotations
 
-__all__ = [
-    "SAMPLERS",
-    "SCHEDULE_TYPES",
-    "GeneratedImage",
-    "GenerationCancelled",
-    "GenerationParams",
-    "GenerationParamsError",
-    "GuidedDenoiser",
-    "InfotextError",
-    "SamplerSpec",
-    "SamplerUnavailableError",
-    "UnknownSamplerError",
-    "build_infotext",
-    "check_inputs",
-    "combine_guidance",
-    "generate",
-    "generation_fields",
-    "params_from_infotext",
-    "parse_infotext",
-    "read_infotext",
-    "resolve_sampler",
-    "save_image",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GenerationCancelled": "denoise",
+    "GuidedDenoiser": "denoise",
+    "combine_guidance": "denoise",
+    "InfotextError": "images",
+    "read_infotext": "images",
+    "save_image": "images",
+    "build_infotext": "infotext",
+    "generation_fields": "infotext",
+    "params_from_infotext": "infotext",
+    "parse_infotext": "infotext",
+    "GenerationParams": "params",
+    "GenerationParamsError": "params",
+    "check_inputs": "params",
+    "GeneratedImage": "pipeline",
+    "generate": "pipeline",
+    "SAMPLERS": "samplers",
+    "SCHEDULE_TYPES": "samplers",
+    "SamplerSpec": "samplers",
+    "SamplerUnavailableError": "samplers",
+    "UnknownSamplerError": "samplers",
+    "resolve_sampler": "samplers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdstack.generate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sdstack.generate.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

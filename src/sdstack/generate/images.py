@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sdstack.atomic_files import temporary_file
+from sdstack.errors import SdstackError
 
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
@@ -21,7 +22,7 @@ NAME_PATTERN = re.compile(r"^(\d{5,})-")
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
-class InfotextError(ValueError):
+class InfotextError(SdstackError):
     """An image file that cannot be read for infotext."""
 
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from sdstack.errors import SdstackError
 from sdstack.generate.samplers import resolve_sampler
 from sdstack.text.emphasis import EMPHASIS_MODES
 
@@ -16,7 +17,7 @@ MAX_BATCH_SIZE = 64
 MAX_SEED = 2**32 - 1
 
 
-class GenerationParamsError(ValueError):
+class GenerationParamsError(SdstackError):
     """A generation setting out of range: the message names the field, value and range."""
 
 

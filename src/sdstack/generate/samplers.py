@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from sdstack.errors import SdstackError, UnknownNameError
+
 SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential")
 """Schedule types: Automatic = the sampler's reference default; Uniform = the model's own."""
 
@@ -34,11 +36,11 @@ _SIGMA_OPTIONS = {
 }
 
 
-class UnknownSamplerError(ValueError):
+class UnknownSamplerError(UnknownNameError):
     """A sampler or schedule type name that is not registered (message suggests near names)."""
 
 
-class SamplerUnavailableError(ValueError):
+class SamplerUnavailableError(SdstackError):
     """A known sampler that needs a package which is not installed, or a schedule it lacks."""
 
 

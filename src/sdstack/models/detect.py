@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from sdstack.errors import SdstackError
 from sdstack.models.ldm_keys import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 SD1 = "SD1.x checkpoint"
@@ -35,7 +36,7 @@ LORA_MARKERS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SdstackError):
     """A model file that sdstack cannot load as SD1.x: what it is and what was expected."""
 
 

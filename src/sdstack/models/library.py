@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdstack.errors import SdstackError
 from sdstack.models import hashes
 from sdstack.models.safetensors_header import SafetensorsHeaderError, safetensors_metadata
 
@@ -36,7 +37,7 @@ SHORT_HASH_LENGTH = {"checkpoint": 10, "vae": 10, "lora": 12, "embedding": 12}
 _HEX64 = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
 
 
-class ModelLibraryError(ValueError):
+class ModelLibraryError(SdstackError):
     """A folder that is not laid out like the reference UI, or an unknown model name."""
 
 

@@ -12,11 +12,13 @@ import json
 import os
 from pathlib import Path
 
+from sdstack.errors import SdstackError
+
 # The safetensors library refuses headers above 100 MB; a larger N means a corrupt file.
 MAX_HEADER_BYTES = 100_000_000
 
 
-class SafetensorsHeaderError(ValueError):
+class SafetensorsHeaderError(SdstackError):
     """A file that is not a readable safetensors file (truncated or corrupt header)."""
 
 

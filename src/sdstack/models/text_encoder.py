@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sdstack.errors import SdstackError
+
 if TYPE_CHECKING:
     from sdstack.models.single_file import TensorFile
 
@@ -50,7 +52,7 @@ _CONFIG_ONLY_KEYS = frozenset(
 )
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(SdstackError):
     """A state dict or file that is not an SD1.x CLIP text encoder."""
 
 

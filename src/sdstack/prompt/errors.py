@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from sdstack.errors import SdstackError
+
 _WINDOW = 40  # characters of context shown on each side of the offending position
 
 
-class PromptSyntaxError(ValueError):
+class PromptSyntaxError(SdstackError):
     """A prompt the reference (A1111 v1.10) cannot read, e.g. ``(a:1.2.3)``.
 
     The reference crashes on these inputs (a failed ``float()``); we raise this instead.

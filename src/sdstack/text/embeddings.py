@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from sdstack.errors import SdstackError
 from sdstack.models.hashes import short_hash12
 from sdstack.models.library import iter_model_files
 
@@ -32,7 +33,7 @@ EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 KNOWN_WIDTHS = {768: "SD1.x", 1024: "SD2.x", 1280: "SDXL clip_g", 2048: "SDXL"}
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(SdstackError):
     """An embedding file that cannot be used: unreadable, unknown layout or wrong width."""
 
 
