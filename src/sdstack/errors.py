@@ -19,3 +19,9 @@ class UnknownNameError(SdstackError):
 
     The message lists the nearest registered names (``difflib``).
     """
+
+
+class SdstackWarning(UserWarning):
+    """Something the user should know that does not stop the work: a file in a folder that
+    could not be read, keys that matched nothing. The library emits it with
+    ``warnings.warn``; the command line prints it as ``sdstack: warning: <message>``."""
