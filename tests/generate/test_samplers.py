@@ -148,17 +148,17 @@ def test_second_order_schedule_steps():
     ("field", "value", "message"),
     [
         ("width", 500, r"width must be a multiple of 8, got 500 \(nearest: 496 or 504\)"),
-        ("height", 32, r"height must be in \[64, 4096\], got 32"),
-        ("width", 8192, r"width must be in \[64, 4096\], got 8192"),
-        ("steps", 0, r"steps must be in \[1, 1000\], got 0"),
-        ("seed", -2, r"seed must be in \[0, 4294967295\], got -2"),
-        ("clip_skip", 13, r"clip_skip must be in \[1, 12\], got 13"),
-        ("denoising_strength", 1.5, r"denoising_strength must be in \[0, 1\], got 1.5"),
+        ("height", 32, r"height must be between 64 and 4096, got 32"),
+        ("width", 8192, r"width must be between 64 and 4096, got 8192"),
+        ("steps", 0, r"steps must be between 1 and 1000, got 0"),
+        ("seed", -2, r"seed must be between 0 and 4294967295 \(or -1 for a random seed\), got -2"),
+        ("clip_skip", 13, r"clip_skip must be between 1 and 12 \(SD1 has 12 CLIP layers; .*got 13"),
+        ("denoising_strength", 1.5, r"denoising_strength must be between 0 and 1, got 1.5"),
         (
             "emphasis",
             "strong",
-            r"emphasis must be one of original, no-norm, ignore, comfy, "
-            r"got 'strong'",
+            r"emphasis: unknown emphasis mode 'strong': expected one of original, no-norm, "
+            r"ignore, comfy",
         ),
         ("batch_size", 1.0, r"batch_size must be an integer, got 1.0"),
     ],

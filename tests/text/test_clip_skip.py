@@ -48,13 +48,13 @@ def test_pooled_is_last_layer_at_first_eos_for_every_clip_skip(encoder, ids):
 
 @pytest.mark.parametrize("bad", [0, 0.99, 6, 5.5, float("nan"), float("inf")])
 def test_clip_skip_outside_range_names_the_range(encoder, bad):
-    with pytest.raises(ValueError, match=r"clip_skip must be in the range \[1, 5\] .*got"):
+    with pytest.raises(ValueError, match=r"clip_skip must be (between 1 and 5 .*|a finite number, )got"):
         encoder.encode(PROMPT, clip_skip=bad)
 
 
 @pytest.mark.parametrize("bad", [True, "2", None])
 def test_clip_skip_not_a_number(encoder, bad):
-    with pytest.raises(ValueError, match=r"clip_skip must be a number from 1 to 5"):
+    with pytest.raises(ValueError, match=r"clip_skip must be a number, got"):
         encoder.encode(PROMPT, clip_skip=bad)
 
 

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from sdstack.errors import SdstackError
 from sdstack.generate.samplers import resolve_sampler
-from sdstack.text.emphasis import EMPHASIS_MODES
+from sdstack.validate import (
+    SettingError,
+    check_bool,
+    check_clip_skip,
+    check_emphasis,
+    check_int,
+    check_number,
+)
 
 MIN_SIZE = 64
 MAX_SIZE = 4096
+MAX_PIXELS = 2048 * 2048
+"""Pixels per image: 4.2 megapixels, the reference UI's 2048x2048 slider maximum. An SD1
+model was trained at 512x512; larger jobs take hours on a CPU and tens of GB."""
+MAX_CFG = 100.0
+"""CFG scale range [0, 100] (the reference slider goes to 30)."""
+MAX_BATCH_COUNT = 10_000
 MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
 MAX_SEED = 2**32 - 1
 
 
-class GenerationParamsError(SdstackError):
-    """A generation setting out of range: the message names the field, value and range."""
+GenerationParamsError = SettingError
+"""A generation setting out of range (the shared :class:`~sdstack.validate.SettingError`)."""
 
 
 @dataclass
@@ -79,56 +90,74 @@ class GenerationParams:
         return self.batch_size * self.batch_count
 
 
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise GenerationParamsError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise GenerationParamsError(f"{name} must be in [{low}, {high}], got {value}")
+FIELD_NAMES = {
+    "steps": "steps",
+    "cfg_scale": "cfg_scale",
+    "sampler": "sampler",
+    "schedule_type": "schedule_type",
+    "seed": "seed",
+    "width": "width",
+    "height": "height",
+    "batch_size": "batch_size",
+    "batch_count": "batch_count",
+    "clip_skip": "clip_skip",
+    "emphasis": "emphasis",
+    "denoising_strength": "denoising_strength",
+    "pad_conds": "pad_conds",
+    "init_image": "init_image",
+}
+"""How :func:`check_inputs` names each field; the CLI passes its option names instead."""
 
 
-def _check_size(name: str, value: Any) -> None:
-    _check_int(name, value, MIN_SIZE, MAX_SIZE)
-    if value % 8:
+def _check_size(params: GenerationParams, names: dict[str, str]) -> None:
+    for field in ("width", "height"):
+        value = check_int(names[field], getattr(params, field), MIN_SIZE, MAX_SIZE)
+        if value % 8:
+            raise GenerationParamsError(
+                f"{names[field]} must be a multiple of 8, got {value} (nearest: "
+                f"{value // 8 * 8} or {value // 8 * 8 + 8})"
+            )
+    if params.width * params.height > MAX_PIXELS:
         raise GenerationParamsError(
-            f"{name} must be a multiple of 8, got {value} (nearest: {value // 8 * 8} or "
-            f"{value // 8 * 8 + 8})"
+            f"{names['width']} x {names['height']} = {params.width}x{params.height} is "
+            f"{params.width * params.height:,} pixels; at most {MAX_PIXELS:,} (2048x2048) per "
+            "image: SD1 models are made for 512x512"
         )
 
 
-def check_inputs(params: GenerationParams) -> None:
-    """Check every field; the first bad one raises, naming field, value and expected range.
+def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) -> None:
+    """Check every field before any work; the first bad one raises, naming it, the value
+    and the range expected.
+
+    Ranges: steps 1..1000; cfg_scale 0..100; seed -1 (random) or 0..2**32-1; width and
+    height multiples of 8 in 64..4096 with at most 2048x2048 pixels; batch_size 1..64;
+    batch_count 1..10000; clip_skip 1..12; denoising_strength 0..1.
+
+    Args:
+        params: the settings.
+        names: field -> the name used in messages (the CLI passes ``--steps`` ...);
+            fields not given keep :data:`FIELD_NAMES`.
 
     Raises:
-        GenerationParamsError: a value out of range or of the wrong type.
+        GenerationParamsError / SettingError: a value out of range or of the wrong type.
         UnknownSamplerError: unknown sampler or schedule type (with suggestions).
     """
+    names = {**FIELD_NAMES, **(names or {})}
     if not isinstance(params.prompt, str) or not isinstance(params.negative, str):
         raise GenerationParamsError("prompt and negative must be strings")
-    _check_int("steps", params.steps, 1, MAX_STEPS)
-    if not isinstance(params.cfg_scale, (int, float)) or not math.isfinite(params.cfg_scale):
-        raise GenerationParamsError(f"cfg_scale must be a finite number, got {params.cfg_scale!r}")
+    check_int(names["steps"], params.steps, 1, MAX_STEPS)
+    check_number(names["cfg_scale"], params.cfg_scale, 0.0, MAX_CFG)
     resolve_sampler(params.sampler, params.schedule_type)
     if params.seed != -1:
-        _check_int("seed", params.seed, 0, MAX_SEED)
-    _check_size("width", params.width)
-    _check_size("height", params.height)
-    _check_int("batch_size", params.batch_size, 1, MAX_BATCH_SIZE)
-    _check_int("batch_count", params.batch_count, 1, 10_000)
-    clip_skip = params.clip_skip
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, float)):
-        raise GenerationParamsError(f"clip_skip must be a number, got {clip_skip!r}")
-    if not 1 <= clip_skip <= 12:
-        raise GenerationParamsError(f"clip_skip must be in [1, 12], got {clip_skip}")
-    if params.emphasis not in EMPHASIS_MODES:
-        raise GenerationParamsError(
-            f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {params.emphasis!r}"
-        )
-    strength = params.denoising_strength
-    if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise GenerationParamsError(f"denoising_strength must be in [0, 1], got {strength!r}")
-    if not isinstance(params.pad_conds, bool):
-        raise GenerationParamsError(f"pad_conds must be True or False, got {params.pad_conds!r}")
+        check_int(names["seed"], params.seed, 0, MAX_SEED, hint=" (or -1 for a random seed)")
+    _check_size(params, names)
+    check_int(names["batch_size"], params.batch_size, 1, MAX_BATCH_SIZE)
+    check_int(names["batch_count"], params.batch_count, 1, MAX_BATCH_COUNT)
+    check_clip_skip(params.clip_skip, name=names["clip_skip"])
+    check_emphasis(params.emphasis, names["emphasis"])
+    check_number(names["denoising_strength"], params.denoising_strength, 0.0, 1.0)
+    check_bool(names["pad_conds"], params.pad_conds)
     if params.init_image is not None and not hasattr(params.init_image, "convert"):
         raise GenerationParamsError(
-            f"init_image must be a PIL image, got {type(params.init_image).__name__}"
+            f"{names['init_image']} must be a PIL image, got {type(params.init_image).__name__}"
         )

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from sdstack.validate import check_clip_skip as check_clip_skip
+
 
 def text_transformer(model: Any) -> Any:
     """The module holding ``embeddings``, ``encoder`` and ``final_layer_norm``.
@@ -54,25 +56,6 @@ def token_embedding(model: Any) -> Any:
 def num_layers(model: Any) -> int:
     """Number of transformer layers (12 on SD1.x)."""
     return int(model.config.num_hidden_layers)
-
-
-def check_clip_skip(clip_skip: Any, layers: int) -> float:
-    """``clip_skip`` as a float after checking it is a number in ``[1, layers]``.
-
-    Raises:
-        ValueError: not a real number (bools refused), not finite, or outside the range.
-    """
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, float)):
-        raise ValueError(
-            f"clip_skip must be a number from 1 to {layers} (1 = last layer), got {clip_skip!r}"
-        )
-    value = float(clip_skip)
-    if not math.isfinite(value) or not 1 <= value <= layers:
-        raise ValueError(
-            f"clip_skip must be in the range [1, {layers}] for this {layers}-layer text "
-            f"encoder (1 = last layer, 2 = penultimate), got {clip_skip!r}"
-        )
-    return value
 
 
 def layer_output(

@@ -28,31 +28,11 @@ The arithmetic is done in float32 and the result cast back to ``z``'s dtype.
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 
-EMPHASIS_MODES = ("original", "no-norm", "ignore", "comfy")
-"""Valid ``emphasis`` values (reference UI names are accepted too, e.g. ``"No norm"``)."""
-
-
-def check_emphasis(mode: str) -> str:
-    """The canonical emphasis mode for ``mode``.
-
-    Case, spaces and underscores are normalised, so the reference UI's infotext names
-    (``Original``, ``No norm``, ``Ignore``) are accepted.
-
-    Raises:
-        ValueError: unknown mode; the message lists the valid modes and the nearest one.
-    """
-    name = str(mode).strip().lower().replace("_", "-").replace(" ", "-")
-    if name in EMPHASIS_MODES:
-        return name
-    nearest = difflib.get_close_matches(name, EMPHASIS_MODES, n=1)
-    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
-    raise ValueError(
-        f"unknown emphasis mode {mode!r}: expected one of {', '.join(EMPHASIS_MODES)}{hint}"
-    )
+# One registry of emphasis names for the encoder, generation and the CLI (torch-free).
+from sdstack.validate import EMPHASIS_MODES as EMPHASIS_MODES
+from sdstack.validate import check_emphasis as check_emphasis
 
 
 def emphasis_original(z: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
