@@ -73,14 +73,25 @@ class Registry(Generic[T]):
         return self._values[self.canonical(name)]
 
     def unknown_message(self, name: str) -> str:
-        """``unknown <kind> 'x': expected one of a, b, c; did you mean 'b'?``"""
+        """``unknown <kind> 'x'; did you mean 'b', 'c'? Expected one of: a, b, c``"""
         names = list(self._values)
-        near = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+        near = difflib.get_close_matches(str(name), names, n=3)
         if not near:
             by_key = {normalise_name(n): n for n in names}
             near = [by_key[k] for k in difflib.get_close_matches(normalise_name(name), by_key)]
-        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
-        return f"unknown {self.kind} {name!r}: expected one of {', '.join(names)}{hint}"
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}? E" if near else "; e"
+        return f"unknown {self.kind} {name!r}{hint}xpected one of: {', '.join(names)}"
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def values(self) -> list[T]:
+        """Registered values, in registration order."""
+        return list(self._values.values())
+
+    def items(self) -> list[tuple[str, T]]:
+        """``(name, value)`` pairs, in registration order."""
+        return list(self._values.items())
 
     def names(self) -> tuple[str, ...]:
         """Registered names, in registration order."""

@@ -54,6 +54,8 @@ def check_emphasis(mode: Any, name: str = "emphasis") -> str:
     try:
         return EMPHASIS.canonical(mode)
     except UnknownEmphasisError as error:
+        if name == "emphasis":
+            raise
         raise UnknownEmphasisError(f"{name}: {error}") from None
 
 

@@ -92,7 +92,7 @@ def test_every_sampler_runs(tiny_components, name):
 
 def test_unknown_sampler_is_refused_before_work(tiny_components):
     with pytest.raises(UnknownSamplerError, match=re.escape("did you mean 'DPM++ 2M'")):
-        run(tiny_components, sampler="DPM++2M")
+        run(tiny_components, sampler="DPM+ 2M")
 
 
 def test_size_must_be_multiple_of_8(tiny_components):

@@ -48,7 +48,7 @@ def test_pooled_is_last_layer_at_first_eos_for_every_clip_skip(encoder, ids):
 
 @pytest.mark.parametrize("bad", [0, 0.99, 6, 5.5, float("nan"), float("inf")])
 def test_clip_skip_outside_range_names_the_range(encoder, bad):
-    with pytest.raises(ValueError, match=r"clip_skip must be (between 1 and 5 .*|a finite number, )got"):
+    with pytest.raises(ValueError, match=r"clip_skip must be (between 1 and 5 |a finite)"):
         encoder.encode(PROMPT, clip_skip=bad)
 
 

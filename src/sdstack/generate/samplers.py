@@ -17,7 +17,6 @@ with offset 1.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from sdstack.errors import SdstackError, UnknownNameError
+from sdstack.registry import Registry
 
 SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential")
 """Schedule types: Automatic = the sampler's reference default; Uniform = the model's own."""
@@ -73,15 +73,16 @@ class SamplerSpec:
         return steps * 2 if self.second_order else steps
 
 
-SAMPLERS: dict[str, SamplerSpec] = {}
+SAMPLERS: Registry[SamplerSpec] = Registry("sampler", UnknownSamplerError)
+"""Reference sampler names -> :class:`SamplerSpec`, in the reference UI's order."""
+SCHEDULES: Registry[str] = Registry("schedule type", UnknownSamplerError)
+for _schedule in SCHEDULE_TYPES:
+    SCHEDULES.register(_schedule, _schedule)
 
 
 def register_sampler(spec: SamplerSpec) -> SamplerSpec:
     """Add ``spec`` to :data:`SAMPLERS` under its name; duplicate names are an error."""
-    if spec.name in SAMPLERS:
-        raise ValueError(f"sampler {spec.name!r} is already registered")
-    SAMPLERS[spec.name] = spec
-    return spec
+    return SAMPLERS.register(spec.name, spec)
 
 
 _FIXED = ("Uniform",)
@@ -117,24 +118,13 @@ for _spec in (
     register_sampler(_spec)
 
 
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.4)
-    if not close:
-        close = difflib.get_close_matches(name.lower(), [c.lower() for c in choices], n=3)
-        close = [c for c in choices if c.lower() in close]
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return f"{hint} Known: {', '.join(choices)}"
-
-
 def _lookup(name: str) -> SamplerSpec | None:
-    if name in SAMPLERS:
-        return SAMPLERS[name]
-    folded = {key.lower(): spec for key, spec in SAMPLERS.items()}
-    return folded.get(name.strip().lower())
+    return SAMPLERS.get(name) if name in SAMPLERS else None
 
 
 def resolve_sampler(name: str, schedule_type: str = "Automatic") -> tuple[SamplerSpec, str]:
-    """Reference name lookup: exact, then case-insensitive, then old "<name> Karras" forms.
+    """Reference name lookup: exact, then ignoring case/spaces, then old "<name> Karras"
+    forms.
 
     Returns ``(spec, schedule_type)`` where ``schedule_type`` is what the user asked for
     (``"Automatic"`` stays ``"Automatic"``; a suffix such as " Karras" in an old combined
@@ -143,7 +133,11 @@ def resolve_sampler(name: str, schedule_type: str = "Automatic") -> tuple[Sample
     Raises:
         UnknownSamplerError: unknown sampler or schedule type, naming the nearest names.
     """
-    schedule = _resolve_schedule_type(schedule_type)
+    if not isinstance(name, str) or not isinstance(schedule_type, str):
+        raise UnknownSamplerError(
+            f"sampler and schedule type must be names, got {name!r} and {schedule_type!r}"
+        )
+    schedule = SCHEDULES.canonical(schedule_type)
     spec = _lookup(name)
     if spec is None:
         for suffix in ("Karras", "Exponential"):
@@ -153,17 +147,8 @@ def resolve_sampler(name: str, schedule_type: str = "Automatic") -> tuple[Sample
                     schedule = suffix
                 break
     if spec is None:
-        raise UnknownSamplerError(f"unknown sampler {name!r}{_suggest(name, list(SAMPLERS))}")
+        raise UnknownSamplerError(SAMPLERS.unknown_message(name))
     return spec, schedule
-
-
-def _resolve_schedule_type(schedule_type: str) -> str:
-    for known in SCHEDULE_TYPES:
-        if schedule_type.strip().lower() == known.lower():
-            return known
-    raise UnknownSamplerError(
-        f"unknown schedule type {schedule_type!r}{_suggest(schedule_type, list(SCHEDULE_TYPES))}"
-    )
 
 
 def effective_schedule(spec: SamplerSpec, schedule_type: str) -> str:
