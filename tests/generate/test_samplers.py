@@ -157,7 +157,7 @@ def test_second_order_schedule_steps():
         (
             "emphasis",
             "strong",
-            r"unknown emphasis mode 'strong'.* Expected one of: original, no-norm, "
+            r"unknown emphasis mode 'strong'; expected one of: original, no-norm, "
             r"ignore, comfy",
         ),
         ("batch_size", 1.0, r"batch_size must be an integer, got 1.0"),
