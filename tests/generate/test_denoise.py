@@ -168,7 +168,7 @@ def test_cancel_event_stops_between_calls():
     event = threading.Event()
     seen = []
 
-    def on_step(latents):
+    def on_step(_timestep, _sigma, latents, _denoised):
         seen.append(latents)
         if len(seen) == 2:
             event.set()
@@ -178,7 +178,7 @@ def test_cancel_event_stops_between_calls():
             CountingScheduler(),
             range(5),
             torch.zeros(1, 1, 2, 2),
-            lambda x, t, s: x + 1,
+            lambda x, t, s, sigma: x + 1,
             generators=[],
             on_step=on_step,
             cancel=event,

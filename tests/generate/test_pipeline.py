@@ -170,7 +170,7 @@ def test_progress_callback_and_cancel(tiny_components):
     run(
         tiny_components,
         batch_count=2,
-        callback=lambda step, total, latents: seen.append((step, total, tuple(latents.shape))),
+        callback=lambda r: seen.append((r.step, r.total, tuple(r.latents.shape))),
     )
     assert seen == [(i, 6, (1, 4, 8, 8)) for i in range(1, 7)]
     with pytest.raises(GenerationCancelled):
@@ -205,7 +205,7 @@ def test_matches_diffusers_pipeline(tiny_components, sampler):
         negative="blurry",
         sampler=sampler,
         seed=21,
-        callback=lambda step, total, state: finals.append(state.clone()),
+        callback=lambda record: finals.append(record.latents.clone()),
     )
     assert torch.equal(finals[-1], latents)
     # diffusers' [0, 1] image is (x / 2 + 0.5).clamp(0, 1); the reference's is (x + 1) / 2.
@@ -264,7 +264,7 @@ def test_img2img_moves_further_from_init_with_strength(tiny_components):
             cfg_scale=1.0,
             init_image=init,
             denoising_strength=strength,
-            callback=lambda s, t, latents, final=final: final.update(x=latents),
+            callback=lambda record, final=final: final.update(x=record.latents),
         )
         distances.append((final["x"] - init_latents).abs().mean().item())
     assert distances[0] < 0.1 < distances[1] < distances[2]

@@ -29,10 +29,13 @@ conditioning each denoiser call sees and how the predictions combine:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from sdstack.generate.hooks import ROW_COND, ROW_UNCOND, UNetCall, UNetHook, run_hooks
 
 # (end_step, [(conditioning, AND weight), ...]) as PromptEncoder.encode_schedule returns.
 Schedule = Sequence[tuple[int, Sequence[tuple[Any, float]]]]
@@ -125,6 +128,9 @@ class GuidedDenoiser:
             may be None otherwise.
         pad_conds: pad the shorter of positive/negative with ``empty`` chunks and make
             one call (reference option "Pad prompt/negative prompt").
+        hooks: :data:`~sdstack.generate.hooks.UNetHook` functions run before every UNet
+            call, in order; each may change the call (inputs, conditioning, extra UNet
+            arguments such as ControlNet residuals).
 
     Attributes:
         padded: True once some denoiser call's context was padded with ``empty``.
@@ -142,6 +148,7 @@ class GuidedDenoiser:
         empty: Any | None,
         *,
         pad_conds: bool = False,
+        hooks: Sequence[UNetHook] = (),
     ) -> None:
         self.unet = unet
         self.cond_schedule = cond_schedule
@@ -152,6 +159,7 @@ class GuidedDenoiser:
         self.empty = empty
         self.pad_conds = bool(pad_conds)
         self.padded = False
+        self.hooks = tuple(hooks)
         # diffusers' ModelMixin.dtype/.device walk the parameters (~1 ms): read them once.
         self.device, self.dtype = unet.device, unet.dtype
         self._context: dict[tuple[int, int], Context] = {}
@@ -196,18 +204,80 @@ class GuidedDenoiser:
             self._expanded[key] = (tuple(c.repeat_interleave(batch, dim=0) for c in calls), weights)
         return self._expanded[key]
 
-    def __call__(self, model_input: torch.Tensor, timestep: Any, step: int) -> torch.Tensor:
-        """Guided model output for ``model_input`` (B, C, h, w) at denoiser call ``step``."""
+    def __call__(
+        self, model_input: torch.Tensor, timestep: Any, step: int, sigma: float = math.nan
+    ) -> torch.Tensor:
+        """Guided model output for ``model_input`` (B, C, h, w) at denoiser call ``step``
+        (noise level ``sigma``, passed on to the hooks)."""
         batch = model_input.shape[0]
         calls, weights = self.batch_context(step, batch)
         sample = model_input.to(self.dtype)
         outputs = []
-        for states in calls:
+        kinds = self._row_kinds(calls, len(weights), batch)
+        for states, row_kinds in zip(calls, kinds, strict=True):
             rows = sample.repeat(states.shape[0] // batch, 1, 1, 1)
-            outputs.append(self.unet(rows, timestep, encoder_hidden_states=states).sample)
+            call = UNetCall(rows, timestep, states, step, sigma, row_kinds, batch)
+            if self.hooks:
+                call = run_hooks(call, self.hooks)
+            output = self.unet(
+                call.sample,
+                call.timestep,
+                encoder_hidden_states=call.encoder_hidden_states,
+                **call.unet_kwargs,
+            )
+            outputs.append(output.sample)
         output = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).float()
         chunks = output.chunk(len(weights) + 1)
         return combine_guidance(chunks[:-1], weights, chunks[-1], self.cfg_scale)
+
+    @staticmethod
+    def _row_kinds(
+        calls: tuple[torch.Tensor, ...], parts: int, batch: int
+    ) -> list[tuple[str, ...]]:
+        cond, uncond = (ROW_COND,) * parts * batch, (ROW_UNCOND,) * batch
+        return [cond + uncond] if len(calls) == 1 else [cond, uncond]
+
+
+def noise_level(scheduler: Any, timestep: Any) -> float:
+    """The k-diffusion sigma of the current denoiser call.
+
+    ``scheduler.sigmas[step_index]`` for the sigma-tracking diffusers schedulers (the
+    interpolated sigma in KDPM2's second stage), else ``sqrt((1 - a) / a)`` with ``a`` the
+    model's ``alphas_cumprod`` at the (integer) timestep (DDIM); NaN when the scheduler
+    exposes neither.
+    """
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and hasattr(scheduler, "step_index"):
+        if scheduler.step_index is None and hasattr(scheduler, "_init_step_index"):
+            scheduler._init_step_index(timestep)  # what step() does first anyway
+        index = scheduler.step_index
+        if hasattr(scheduler, "sigmas_interpol") and not scheduler.state_in_first_order:
+            sigmas = scheduler.sigmas_interpol
+        return float(sigmas[index])
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        return math.nan
+    a = float(alphas[int(timestep)])
+    return math.sqrt((1.0 - a) / a)
+
+
+def denoised_estimate(
+    model_input: torch.Tensor, output: torch.Tensor, sigma: float, prediction_type: str
+) -> torch.Tensor:
+    """The clean-latent estimate x0 of one denoiser call.
+
+    The UNet input is ``x_t = (x0 + sigma * eps) / sqrt(1 + sigma^2)`` for every diffusers
+    scheduler (k-diffusion ones divide by ``sqrt(1 + sigma^2)`` in ``scale_model_input``,
+    DDIM/DPM-Solver latents are in that form already), so
+    ``x0 = x_t * sqrt(1 + sigma^2) - sigma * eps``; for v-prediction
+    ``x0 = (x_t - sigma * v) / sqrt(1 + sigma^2)``. With an unknown sigma, ``x_t``.
+    """
+    if math.isnan(sigma):
+        return model_input.float()
+    scale = math.sqrt(1.0 + sigma * sigma)
+    if prediction_type == "v_prediction":
+        return (model_input.float() - sigma * output) / scale
+    return model_input.float() * scale - sigma * output
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
@@ -216,32 +286,42 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
     return {}
 
 
+StepReport = Callable[[Any, float, torch.Tensor, torch.Tensor], None]
+"""``on_step(timestep, sigma, latents, denoised)`` after every denoiser call."""
+
+
 def run_denoising(
     scheduler: Any,
     timesteps: Sequence[Any],
     latents: torch.Tensor,
-    denoiser: Callable[[torch.Tensor, Any, int], torch.Tensor],
+    denoiser: Callable[..., torch.Tensor],
     *,
     generators: list[torch.Generator],
-    on_step: Callable[[torch.Tensor], None] | None = None,
+    on_step: StepReport | None = None,
     cancel: Any = None,
 ) -> torch.Tensor:
     """The sampling loop: for each timestep, scale input, call the denoiser, step.
 
+    ``denoiser(model_input, timestep, step, sigma)`` returns the guided model output.
     ``generators`` (one per image) feed the noise of ancestral/SDE steps, so image
-    ``i`` draws the same numbers whatever the batch. ``on_step(latents)`` runs after
-    every denoiser call; ``cancel`` is checked before each one.
+    ``i`` draws the same numbers whatever the batch. ``on_step(timestep, sigma,
+    latents, denoised)`` runs after every denoiser call (see :func:`denoised_estimate`);
+    ``cancel`` is checked before each one.
 
     Raises:
         GenerationCancelled: ``cancel`` was set.
     """
     kwargs = _step_kwargs(scheduler, generators)
+    prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
     for step, timestep in enumerate(timesteps):
         if is_cancelled(cancel):
             raise GenerationCancelled(f"generation cancelled before denoiser call {step}")
         model_input = scheduler.scale_model_input(latents, timestep)
-        output = denoiser(model_input, timestep, step)
+        sigma = noise_level(scheduler, timestep)
+        output = denoiser(model_input, timestep, step, sigma)
+        if on_step is not None:
+            denoised = denoised_estimate(model_input, output, sigma, prediction)
         latents = scheduler.step(output, timestep, latents, return_dict=False, **kwargs)[0]
         if on_step is not None:
-            on_step(latents)
+            on_step(timestep, sigma, latents, denoised)
     return latents

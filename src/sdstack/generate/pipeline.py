@@ -1,20 +1,57 @@
-"""txt2img and img2img with the reference UI's seeds, schedules and infotext."""
+"""txt2img and img2img with the reference UI's seeds, schedules and infotext.
+
+The work is split so that a caller can reuse what is expensive:
+
+1. :func:`prepare`: check the settings, encode the prompt schedules (and the init image)
+   once -> a :class:`PreparedJob`;
+2. :func:`sample`: denoise one batch from its seeds -> latents (any number of times per
+   prepared job, any seeds);
+3. :func:`decode`: VAE-decode latents to images.
+
+:func:`generate` runs the three over ``batch_count`` batches. A loaded model
+(``ModelComponents``) is reused across any number of jobs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sdstack.generate.denoise import GuidedDenoiser, run_denoising
+from sdstack.generate.hooks import StepCallback, StepRecord, UNetHook
 from sdstack.generate.infotext import build_infotext, generation_fields
+from sdstack.generate.job import GenerationJob, reject_network_tags
+from sdstack.generate.latents import (
+    decode_latents,
+    encode_init_image,
+    image_noise,
+    img2img_start,
+)
 from sdstack.generate.params import MAX_SEED, GenerationParams, check_inputs
 from sdstack.generate.samplers import SamplerSpec, make_scheduler, resolve_sampler
+from sdstack.validate import check_emphasis
 
-ProgressCallback = Callable[[int, int, torch.Tensor], None]
+__all__ = [
+    "GeneratedImage",
+    "PreparedJob",
+    "decode",
+    "decode_latents",
+    "encode_init_image",
+    "generate",
+    "image_noise",
+    "img2img_start",
+    "prepare",
+    "reject_network_tags",
+    "sample",
+]
+
+PhaseCallback = Callable[[str], None]
+"""``on_phase(name)`` when a phase starts: "encoding", "sampling", "decoding"."""
 
 
 @dataclass
@@ -27,76 +64,21 @@ class GeneratedImage:
     index: int = 0
 
 
-def reject_network_tags(prompt: str) -> None:
-    """Extra-network tags (``<lora:name:1>``) are not applied yet: refuse, naming the tag.
-
-    Raises:
-        ValueError: the prompt holds a tag.
-    """
-    from sdstack.prompt import extract_networks
-
-    _text, tags = extract_networks(prompt)
-    if tags:
-        names = ", ".join(f"<{tag.kind}:{tag.name}>" for tag in tags)
-        raise ValueError(
-            f"prompt contains extra-network tag(s) {names}: LoRA/extra networks are not "
-            "supported yet; remove the tag(s) from the prompt"
-        )
-
-
-def image_noise(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
-    """Reference "RNG: CPU" initial noise: ``torch.randn(shape)`` from a CPU generator seeded
-    with ``seed``; the generator is returned to continue (ancestral/SDE noise)."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn((1, *shape), generator=generator, dtype=torch.float32), generator
-
-
-def img2img_start(steps: int, strength: float) -> tuple[int, int]:
-    """Reference k-diffusion img2img: ``t_enc = int(min(strength, 0.999) * steps)``.
-
-    The reference keeps the ``steps``-step schedule and runs its last ``t_enc + 1``
-    steps (``sigmas[steps - t_enc - 1:]``), starting from the init latents plus noise at
-    that step's sigma (diffusers ``add_noise`` at that timestep). Prompt schedules stay
-    resolved over the full ``steps`` and are indexed from the first call that runs, as
-    in the reference. Returns ``(first step index, steps run)``.
-    """
-    t_enc = int(min(strength, 0.999) * steps)
-    steps_run = min(t_enc + 1, steps)
-    return steps - steps_run, steps_run
-
-
-def encode_init_image(vae: Any, image: Any, width: int, height: int) -> torch.Tensor:
-    """VAE-encode an init image resized to ``width x height`` (Lanczos), as the posterior
-    mean times ``scaling_factor`` (deterministic; the reference samples the posterior)."""
-    import numpy as np
-    from PIL import Image
-
-    resized = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-    array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
-    pixels = torch.from_numpy(array).permute(2, 0, 1)[None]
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(pixels).latent_dist.mean
-    return latents.float() * vae.config.scaling_factor
-
-
-def decode_latents(vae: Any, latents: torch.Tensor) -> list[Any]:
-    """VAE decode ``latents / scaling_factor`` to RGB PIL images, as the reference does.
-
-    ``x = clamp((x + 1) / 2, 0, 1)``, then ``(255 * x).astype(uint8)``: the reference
-    truncates, where diffusers rounds, so about half the pixel values are one level lower
-    than diffusers' output for the same latents.
-    """
-    import numpy as np
-    from PIL import Image
-
-    scaled = (latents / vae.config.scaling_factor).to(device=vae.device, dtype=vae.dtype)
-    pixels = torch.clamp((vae.decode(scaled).sample.float() + 1.0) / 2.0, min=0.0, max=1.0)
-    arrays = (255.0 * pixels.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
-    return [Image.fromarray(array, mode="RGB") for array in arrays]
-
-
 @dataclass
-class _Job:
+class PreparedJob:
+    """A checked job with its conditioning encoded: sample it as often as you like.
+
+    Attributes:
+        components: the loaded model.
+        params: the settings, sampler and emphasis names made canonical.
+        spec, schedule_type: the sampler and the schedule type asked for.
+        denoiser: the guided denoiser holding the encoded prompt schedules.
+        init_latents: img2img start latents, or None.
+        start, steps_run: the first step index and the number of steps run.
+        fields: the infotext fields (``Seed`` set per image).
+        calls_per_batch: denoiser calls one batch makes.
+    """
+
     components: Any
     params: GenerationParams
     spec: SamplerSpec
@@ -105,56 +87,160 @@ class _Job:
     init_latents: torch.Tensor | None
     start: int
     steps_run: int
+    fields: dict[str, Any]
+    calls_per_batch: int
+
+    def infotext(self, seed: int) -> str:
+        """The reference infotext of the image made with ``seed``."""
+        fields = {**self.fields, "Seed": seed}
+        if self.denoiser.padded:
+            fields["Pad conds"] = True  # reference: only when some call was padded
+        return build_infotext(self.params.prompt, self.params.negative, fields)
 
 
-def _run_batch(job: _Job, seeds: list[int], on_step: Callable, cancel: Any) -> torch.Tensor:
-    params, unet = job.params, job.components.unet
-    scale = job.components.vae_scale_factor
-    shape = (unet.config.in_channels, params.height // scale, params.width // scale)
-    noises, generators = zip(*(image_noise(seed, shape) for seed in seeds), strict=True)
-    noise = torch.cat(noises).to(unet.device)
-    scheduler = make_scheduler(job.spec, job.schedule_type, job.components.scheduler_config)
-    scheduler.set_timesteps(params.steps, device=unet.device)
-    timesteps = scheduler.timesteps[job.start * scheduler.order :]
-    if job.init_latents is None:
-        latents = noise * scheduler.init_noise_sigma
-    else:
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(job.start * scheduler.order)
-        init = job.init_latents.to(unet.device).expand(len(seeds), -1, -1, -1)
-        latents = scheduler.add_noise(init, noise, timesteps[:1])
-    return run_denoising(
-        scheduler,
-        timesteps,
-        latents,
-        job.denoiser,
-        generators=list(generators),
-        on_step=on_step,
-        cancel=cancel,
-    )
+@torch.inference_mode()
+def prepare(
+    components: Any,
+    params: GenerationParams,
+    *,
+    embeddings: Any = None,
+    hooks: Sequence[UNetHook] = (),
+) -> PreparedJob:
+    """Check ``params`` and encode the prompt, negative and init image once.
 
+    Prompt schedules (``[a:b:when]``, ``[a|b]``) are resolved over ``steps``, or
+    ``2 * steps`` for the second-order samplers (Heun, DPM2, DPM2 a, DPM++ SDE) as the
+    reference does. The empty prompt is encoded only with ``pad_conds``.
 
-def _prepare(components: Any, params: GenerationParams, embeddings: Any) -> _Job:
+    Raises:
+        SettingError, UnknownSamplerError, SamplerUnavailableError: bad settings.
+        GenerationParamsError: extra-network tags in the prompt.
+    """
     from sdstack.text import PromptEncoder
 
+    # 1. Check inputs; canonical names for the infotext.
+    check_inputs(params)
+    reject_network_tags(params.prompt)
     spec, schedule_type = resolve_sampler(params.sampler, params.schedule_type)
+    params = dataclasses.replace(
+        params,
+        sampler=spec.name,
+        schedule_type=schedule_type,
+        emphasis=check_emphasis(params.emphasis),
+    )
+    make_scheduler(spec, schedule_type, components.scheduler_config)  # needs its package
+    # 2. Encode the prompt schedules.
     encoder = PromptEncoder(components.text_encoder, components.tokenizer, embeddings)
     style = {"clip_skip": params.clip_skip, "emphasis": params.emphasis}
     schedule_steps = spec.schedule_steps(params.steps)
     cond = encoder.encode_schedule(params.prompt, schedule_steps, split_and=True, **style)
     uncond = encoder.encode_schedule(params.negative, schedule_steps, split_and=False, **style)
-    # The empty prompt pads conditionings only with pad_conds: skip its forward otherwise.
     empty = encoder.empty(**style) if params.pad_conds else None
     denoiser = GuidedDenoiser(
-        components.unet, cond, uncond, params.cfg_scale, empty, pad_conds=params.pad_conds
+        components.unet,
+        cond,
+        uncond,
+        params.cfg_scale,
+        empty,
+        pad_conds=params.pad_conds,
+        hooks=hooks,
     )
+    # 3. The init image (img2img) and the infotext fields.
     init_latents, start, steps_run = None, 0, params.steps
     if params.is_img2img:
         start, steps_run = img2img_start(params.steps, params.denoising_strength)
         init_latents = encode_init_image(
             components.vae, params.init_image, params.width, params.height
         )
-    return _Job(components, params, spec, schedule_type, denoiser, init_latents, start, steps_run)
+    fields = generation_fields(
+        params,
+        components=components,
+        embeddings=embeddings,
+        used_embeddings=_used_embeddings(denoiser),
+    )
+    calls = len(
+        _timesteps(
+            make_scheduler(spec, schedule_type, components.scheduler_config), params.steps, start
+        )
+    )
+    return PreparedJob(
+        components,
+        params,
+        spec,
+        schedule_type,
+        denoiser,
+        init_latents,
+        start,
+        steps_run,
+        fields,
+        calls,
+    )
+
+
+def _timesteps(scheduler: Any, steps: int, start: int, device: Any = None) -> Any:
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler.timesteps[start * scheduler.order :]
+
+
+@torch.inference_mode()
+def sample(
+    prepared: PreparedJob,
+    seeds: Sequence[int],
+    *,
+    callback: StepCallback | None = None,
+    cancel: Any = None,
+    batch: int = 0,
+    batches: int = 1,
+    done: int = 0,
+) -> torch.Tensor:
+    """Denoise one batch, image ``i`` from ``seeds[i]``; returns its latents.
+
+    Each image's initial noise (and ancestral noise) comes from a CPU
+    ``torch.Generator`` seeded with its seed (reference "RNG: CPU"). ``callback``
+    receives a :class:`StepRecord` after every denoiser call; ``batch``, ``batches``
+    and ``done`` (calls already made by earlier batches) place this batch in a job.
+
+    Raises:
+        GenerationCancelled: ``cancel`` was set.
+    """
+    components, params = prepared.components, prepared.params
+    unet, scale = components.unet, components.vae_scale_factor
+    shape = (unet.config.in_channels, params.height // scale, params.width // scale)
+    noises, generators = zip(*(image_noise(seed, shape) for seed in seeds), strict=True)
+    noise = torch.cat(noises).to(unet.device)
+    scheduler = make_scheduler(prepared.spec, prepared.schedule_type, components.scheduler_config)
+    timesteps = _timesteps(scheduler, params.steps, prepared.start, unet.device)
+    if prepared.init_latents is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(prepared.start * scheduler.order)
+        init = prepared.init_latents.to(unet.device).expand(len(seeds), -1, -1, -1)
+        latents = scheduler.add_noise(init, noise, timesteps[:1])
+    total = prepared.calls_per_batch * batches
+    on_step = None
+    if callback is not None:
+        count = iter(range(done + 1, done + prepared.calls_per_batch + 1))
+
+        def on_step(timestep: Any, sigma: float, state: torch.Tensor, x0: torch.Tensor) -> None:
+            callback(StepRecord(next(count), total, batch, batches, timestep, sigma, state, x0))
+
+    return run_denoising(
+        scheduler,
+        timesteps,
+        latents,
+        prepared.denoiser,
+        generators=list(generators),
+        on_step=on_step,
+        cancel=cancel,
+    )
+
+
+@torch.inference_mode()
+def decode(components: Any, latents: torch.Tensor) -> list[Any]:
+    """RGB PIL images from latents, with the reference's pixel conversion
+    (see :func:`sdstack.generate.latents.decode_latents`)."""
+    return decode_latents(components.vae, latents)
 
 
 def _used_embeddings(denoiser: GuidedDenoiser) -> list[str]:
@@ -166,38 +252,34 @@ def _used_embeddings(denoiser: GuidedDenoiser) -> list[str]:
     return names
 
 
-@torch.inference_mode()
 def generate(
     components: Any,
-    params: GenerationParams,
+    job: GenerationParams | GenerationJob,
     *,
     embeddings: Any = None,
-    callback: ProgressCallback | None = None,
+    hooks: Sequence[UNetHook] = (),
+    callback: StepCallback | None = None,
+    on_phase: PhaseCallback | None = None,
     cancel: Any = None,
     on_image: Callable[[GeneratedImage], None] | None = None,
 ) -> list[GeneratedImage]:
     """Reference txt2img/img2img: ``batch_count`` batches of ``batch_size`` images.
 
     Seeds: ``params.seed`` (``-1`` draws one at random, once); image ``i`` of the job
-    uses ``seed + i``; its initial noise (and ancestral noise) comes from a CPU
-    ``torch.Generator`` seeded with that seed, so results do not depend on the batch
-    size or the device's RNG (infotext ``RNG: CPU``).
-
-    Prompt schedules (``[a:b:when]``, ``[a|b]``) are resolved over ``steps``, or
-    ``2 * steps`` for the second-order samplers (Heun, DPM2, DPM2 a, DPM++ SDE) as the
-    reference does, and indexed by the 0-based denoiser call. Guidance per call:
-    ``u + cfg * sum_i w_i * (c_i - u)`` over the AND parts (see ``denoise``). Prompt and
-    negative of different token lengths run as two UNet calls, or, with
-    ``params.pad_conds``, padded with empty-prompt chunks into one call (the infotext
-    then gets ``Pad conds: True``, as in the reference, when padding happened).
+    uses ``seed + i``. Guidance per call: ``u + cfg * sum_i w_i * (c_i - u)`` over the
+    AND parts (see ``denoise``). Prompt and negative of different token lengths run as
+    two UNet calls, or, with ``params.pad_conds``, padded with empty-prompt chunks into
+    one call (infotext ``Pad conds: True``).
 
     Args:
         components: a loaded model (:class:`sdstack.models.ModelComponents`).
-        params: the settings; checked first.
+        job: the settings, or a :class:`GenerationJob` (its ``embeddings`` folder is
+            loaded when ``embeddings`` is not given).
         embeddings: an ``EmbeddingLibrary`` for textual-inversion names in prompts.
-        callback: ``callback(step, total_steps, latents)`` after every denoiser call;
-            ``step`` counts from 1 over the whole job, ``total_steps`` = denoiser calls
-            of all batches.
+        hooks: functions run before every UNet call (see ``sdstack.generate.hooks``).
+        callback: receives a :class:`StepRecord` after every denoiser call.
+        on_phase: ``on_phase(name)`` as "encoding", "sampling" (each batch) and
+            "decoding" (each batch) start.
         cancel: ``threading.Event``-like or callable; checked before every denoiser call.
         on_image: ``on_image(result)`` for each image as soon as it is decoded, before the
             next batch starts (so a caller can save it: a later failure or cancellation
@@ -207,53 +289,42 @@ def generate(
         One :class:`GeneratedImage` per image, in seed order.
 
     Raises:
-        GenerationParamsError, UnknownSamplerError, SamplerUnavailableError: bad settings.
-        ValueError: extra-network tags in the prompt.
+        SettingError, UnknownSamplerError, SamplerUnavailableError: bad settings.
         GenerationCancelled: ``cancel`` was set.
     """
-    # 1. Check inputs.
-    check_inputs(params)
-    reject_network_tags(params.prompt)
+    params = job.params if isinstance(job, GenerationJob) else job
+    if embeddings is None and isinstance(job, GenerationJob) and job.embeddings is not None:
+        embeddings = _embedding_library(components, job.embeddings)
+    phase = on_phase or (lambda _name: None)
+    # 1. Check and encode.
+    phase("encoding")
+    prepared = prepare(components, params, embeddings=embeddings, hooks=hooks)
     seed = params.seed if params.seed != -1 else random.randrange(MAX_SEED)
-    # 2. Encode the prompt schedules and the init image; the infotext fields.
-    job = _prepare(components, params, embeddings)
-    used = _used_embeddings(job.denoiser)
-    fields = generation_fields(
-        params, components=components, embeddings=embeddings, used_embeddings=used
-    )
-    on_step = _progress(callback, len(_probe_timesteps(job)) * params.batch_count)
-    # 3. Sample batch by batch, decode, write each image's infotext.
+    # 2. Sample, decode and hand over batch by batch.
     results: list[GeneratedImage] = []
     for batch in range(params.batch_count):
         seeds = [seed + batch * params.batch_size + i for i in range(params.batch_size)]
-        latents = _run_batch(job, seeds, on_step, cancel)
-        for image, image_seed in zip(decode_latents(components.vae, latents), seeds, strict=True):
-            image_fields = {**fields, "Seed": image_seed, **_pad_field(job.denoiser)}
-            infotext = build_infotext(params.prompt, params.negative, image_fields)
-            results.append(GeneratedImage(image, image_seed, infotext, len(results)))
+        phase("sampling")
+        latents = sample(
+            prepared,
+            seeds,
+            callback=callback,
+            cancel=cancel,
+            batch=batch,
+            batches=params.batch_count,
+            done=batch * prepared.calls_per_batch,
+        )
+        phase("decoding")
+        for image, image_seed in zip(decode(components, latents), seeds, strict=True):
+            result = GeneratedImage(image, image_seed, prepared.infotext(image_seed), len(results))
+            results.append(result)
             if on_image is not None:
-                on_image(results[-1])
+                on_image(result)
     return results
 
 
-def _pad_field(denoiser: GuidedDenoiser) -> dict[str, Any]:
-    """Reference ``Pad conds: True``: only when the option padded some call's context."""
-    return {"Pad conds": True} if denoiser.padded else {}
+def _embedding_library(components: Any, folder: str) -> Any:
+    from sdstack.text import EmbeddingLibrary
 
-
-def _progress(callback: ProgressCallback | None, total: int) -> Callable[[torch.Tensor], None]:
-    done = 0
-
-    def on_step(latents: torch.Tensor) -> None:
-        nonlocal done
-        done += 1
-        if callback is not None:
-            callback(done, total, latents)
-
-    return on_step
-
-
-def _probe_timesteps(job: _Job) -> Any:
-    scheduler = make_scheduler(job.spec, job.schedule_type, job.components.scheduler_config)
-    scheduler.set_timesteps(job.params.steps)
-    return scheduler.timesteps[job.start * scheduler.order :]
+    width = components.text_encoder.get_input_embeddings().embedding_dim
+    return EmbeddingLibrary.from_dir(folder, width=width)

@@ -1,0 +1,188 @@
+"""The generation job: what to make (settings) and with what (model, VAE, embeddings).
+
+A :class:`GenerationJob` is the one description of a generation that the Python API
+(``generate``), ``sdstack generate``, ``--from-infotext`` and the comparison grids share.
+It converts to and from the reference UI's infotext: :meth:`GenerationJob.from_infotext`
+reads every field sdstack can honour and lists the rest in ``unhonoured`` (hires fix,
+face restoration, variation seeds, GPU RNG ...), never dropping them silently.
+This module does not import torch: a job is checked before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from sdstack.generate.params import GenerationParams, check_inputs
+
+HONOURED_FIELDS = frozenset(
+    {
+        "Prompt",
+        "Negative prompt",
+        "Steps",
+        "Sampler",
+        "Schedule type",
+        "CFG scale",
+        "Seed",
+        "Size",
+        "Size-1",
+        "Size-2",
+        "Clip skip",
+        "Emphasis",
+        "Pad conds",
+        "Model",
+        "Model hash",
+        "VAE",
+        "VAE hash",
+    }
+)
+"""Infotext fields that set part of a job."""
+INFORMATIONAL_FIELDS = frozenset({"Version", "TI hashes"})
+"""Fields that describe the image but set nothing (the embeddings are found by name)."""
+FIELD_NOTES = {
+    "RNG": "sdstack draws noise on the CPU (RNG: CPU), so the picture will differ",
+    "Denoising strength": "used only with an init image (img2img); hires fix is not supported",
+    "Hires upscale": "hires fix is not supported",
+    "Lora hashes": "LoRAs are not applied yet",
+}
+
+
+def reject_network_tags(prompt: str) -> None:
+    """Extra-network tags (``<lora:name:1>``) are not applied yet: refuse, naming the tag.
+
+    Raises:
+        GenerationParamsError: the prompt holds a tag.
+    """
+    from sdstack.generate.params import GenerationParamsError
+    from sdstack.prompt import extract_networks
+
+    _text, tags = extract_networks(prompt)
+    if tags:
+        names = ", ".join(f"<{tag.kind}:{tag.name}>" for tag in tags)
+        raise GenerationParamsError(
+            f"prompt contains extra-network tag(s) {names}: LoRA/extra networks are not "
+            "supported yet; remove the tag(s) from the prompt"
+        )
+
+
+@dataclass
+class GenerationJob:
+    """One generation: the settings and the files it uses.
+
+    Attributes:
+        params: the settings (:class:`GenerationParams`).
+        model: the checkpoint: a path, or a name or hash to find under a web-UI root.
+        vae: a separate VAE (path or name), or None for the checkpoint's own.
+        embeddings: a folder of textual-inversion files, or None.
+        networks: extra networks (LoRAs) to apply; reserved for the LoRA issue, empty.
+        model_hash: the ``Model hash`` an infotext named (to find or check the model).
+        unhonoured: infotext fields this job cannot apply, field -> value; the CLI
+            prints them, a caller can refuse to run.
+    """
+
+    params: GenerationParams
+    model: str | None = None
+    vae: str | None = None
+    embeddings: str | None = None
+    networks: tuple[Any, ...] = ()
+    model_hash: str | None = None
+    unhonoured: dict[str, str] = field(default_factory=dict)
+
+    def check(self, names: Mapping[str, str] | None = None) -> None:
+        """Every setting checked (see :func:`check_inputs`), network tags refused.
+
+        Raises:
+            SettingError, UnknownSamplerError, PromptSyntaxError: a bad setting or prompt.
+        """
+        check_inputs(self.params, dict(names or {}))
+        reject_network_tags(self.params.prompt)
+
+    def replace(self, **settings: Any) -> GenerationJob:
+        """A copy with some :class:`GenerationParams` fields changed (grids use this)."""
+        return dataclasses.replace(self, params=dataclasses.replace(self.params, **settings))
+
+    @classmethod
+    def from_infotext(cls, text: str, **settings: Any) -> GenerationJob:
+        """A job from an infotext; ``settings`` (GenerationParams fields) override it.
+
+        Raises:
+            SdstackError: a field that does not parse, naming field and value.
+        """
+        from sdstack.generate.infotext import params_from_infotext, parse_infotext
+
+        info = parse_infotext(text)
+        values = {**params_from_infotext(info), **settings}
+        return cls(
+            params=GenerationParams(**values),
+            model=info.get("Model"),
+            vae=info.get("VAE"),
+            model_hash=info.get("Model hash"),
+            unhonoured=unhonoured_fields(info, img2img=values.get("init_image") is not None),
+        )
+
+    def infotext(
+        self,
+        components: Any = None,
+        *,
+        seed: int | None = None,
+        embeddings: Any = None,
+        used_embeddings: tuple[str, ...] = (),
+    ) -> str:
+        """The reference infotext of this job (of its image with ``seed``, if given).
+
+        ``components`` (a loaded model) gives ``Model``/``Model hash``; without it they
+        come from ``self.model`` when that is a file.
+        """
+        from sdstack.generate.infotext import build_infotext, generation_fields
+
+        if components is None:
+            components = _file_refs(self.model, self.vae)
+        fields = generation_fields(
+            self.params,
+            components=components,
+            embeddings=embeddings,
+            used_embeddings=used_embeddings,
+        )
+        if seed is not None:
+            fields["Seed"] = seed
+        return build_infotext(self.params.prompt, self.params.negative, fields)
+
+
+def _file_refs(model: str | None, vae: str | None) -> SimpleNamespace:
+    path = Path(model) if model is not None and Path(model).is_file() else None
+    name = Path(model).stem if model is not None else None
+    vae_path = Path(vae) if vae is not None and Path(vae).is_file() else None
+    return SimpleNamespace(path=path, name=name, vae_path=vae_path)
+
+
+def unhonoured_fields(info: Mapping[str, str], *, img2img: bool) -> dict[str, str]:
+    """The fields of a parsed infotext that a job cannot apply, field -> value.
+
+    Everything outside :data:`HONOURED_FIELDS` and :data:`INFORMATIONAL_FIELDS`, plus
+    ``RNG`` other than CPU and ``Denoising strength`` without an init image.
+    """
+    result: dict[str, str] = {}
+    for key, value in info.items():
+        if key in HONOURED_FIELDS or key in INFORMATIONAL_FIELDS:
+            continue
+        if key.endswith(("-1", "-2")) and key[:-2] in info:
+            continue  # the W and H halves of a WxH field
+        if key == "RNG" and value == "CPU":
+            continue
+        if key == "Denoising strength" and img2img:
+            continue
+        result[key] = value
+    return result
+
+
+def describe_unhonoured(unhonoured: Mapping[str, str]) -> str:
+    """``Hires upscale: 2 (hires fix is not supported), RNG: GPU (...)`` for a note."""
+    parts = []
+    for key, value in unhonoured.items():
+        note = FIELD_NOTES["Hires upscale"] if key.startswith("Hires") else FIELD_NOTES.get(key)
+        parts.append(f"{key}: {value}" + (f" ({note})" if note else ""))
+    return ", ".join(parts)
