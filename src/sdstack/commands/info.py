@@ -1,6 +1,8 @@
 """The ``sdstack info`` command: print the infotext stored in an image.
 
-Reads with Pillow only: this command never imports torch or diffusers.
+Reads with Pillow only: this command never imports torch or diffusers. A missing file, a
+folder, a non-image or a broken image is an ``InfotextError`` naming the file and the
+reason (``sdstack: error: image 'x.png': no such file``, exit 2).
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ def run_info(args: argparse.Namespace) -> int:
     from sdstack.generate.images import read_infotext
     from sdstack.generate.infotext import parse_infotext
 
-    text = read_infotext(args.image)
+    text = read_infotext(args.image, option="image")
     if not text:
-        raise CommandError(f"{args.image!r} holds no infotext")
+        raise CommandError(
+            f"image {args.image!r}: holds no infotext; it was not saved with its generation "
+            "parameters"
+        )
     parsed = parse_infotext(text)
     if args.json:
         print(json.dumps(parsed, indent=2, ensure_ascii=False))

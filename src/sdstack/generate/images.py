@@ -1,28 +1,43 @@
-"""Saving images with their infotext, and reading it back (PNG, JPEG, WebP).
+"""Saving images with their infotext, and reading images back (PNG, JPEG, WebP).
 
 PNG: text chunk ``parameters`` (tEXt when the text is Latin-1, else iTXt), as the
 reference UI writes. JPEG/WebP: EXIF UserComment = ``b"UNICODE\\0" + UTF-16BE``.
-Files are written to a temporary name in the output folder, then ``os.replace``d to
-``NNNNN-<seed>.<ext>``, the index one more than the highest already there.
+Files are written to a temporary name in the output folder, then claimed as
+``NNNNN-<seed>.<ext>`` by an exclusive create (:func:`sdstack.atomic_files.publish_new`),
+the index one more than the highest already there, counting up while a name is taken:
+concurrent savers (threads, processes) never overwrite each other or anything else.
+Reading maps every failure (missing, a folder, not an image, truncated, a decompression
+bomb) to an :class:`ImageFileError` that names the file and the reason.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sdstack.atomic_files import temporary_file
+from sdstack.atomic_files import publish_new, temporary_file
 from sdstack.errors import SdstackError
+from sdstack.generate.outputs import OutputError, os_error_reason
 
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
 NAME_PATTERN = re.compile(r"^(\d{5,})-")
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+# What Pillow raises on broken data besides OSError (plugins parse headers by hand).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
-class InfotextError(SdstackError):
+class ImageFileError(SdstackError):
+    """An image file that cannot be read: missing, a folder, not an image, truncated,
+    or declaring more pixels than Pillow's decompression-bomb limit."""
+
+
+class InfotextError(ImageFileError):
     """An image file that cannot be read for infotext."""
 
 
@@ -59,28 +74,51 @@ def save_image(
 ) -> Path:
     """Write ``image`` with its infotext as ``out_dir/NNNNN-<seed>.<fmt>``; never overwrites.
 
-    The image goes to a temporary file in ``out_dir`` first, then ``os.replace`` moves it
-    to the first free name (index counting up from :func:`next_index`).
+    The image goes to a temporary file in ``out_dir`` (created if needed) first, then
+    :func:`~sdstack.atomic_files.publish_new` claims the first free name, counting up
+    from :func:`next_index`; a name another saver took meanwhile is skipped. On failure
+    nothing is left behind and images saved before are untouched. The file's mode is
+    what ``open()`` gives under the umask.
 
     Raises:
-        ValueError: ``fmt`` is not png, jpg/jpeg or webp.
+        OutputError: ``fmt`` is not png, jpg/jpeg or webp; or the image cannot be
+            written (``out_dir`` is a file, read-only, the disk is full, ...).
     """
-    if fmt.lower() not in FORMATS:
-        raise ValueError(f"image format {fmt!r} is not supported; use one of: png, jpg, webp")
-    pil_format = FORMATS[fmt.lower()]
+    extension = fmt.lower()
+    if extension not in FORMATS:
+        raise OutputError(f"image format {fmt!r} is not supported; use one of: png, jpg, webp")
+    pil_format = FORMATS[extension]
     out = Path(out_dir)
     kwargs = _save_kwargs(image, infotext, pil_format) if infotext else {}
-    with temporary_file(out, suffix=f".{fmt}") as temporary:
-        image.save(temporary, format=pil_format, **kwargs)
-        index = next_index(out)
-        suffix = f"-{seed}" if seed is not None else ""
-        while True:
-            target = out / f"{index:05d}{suffix}.{fmt.lower()}"
-            if not target.exists():
-                break
+    tail = f"-{seed}.{extension}" if seed is not None else f".{extension}"
+    try:
+        with temporary_file(out, suffix=f".{extension}") as temporary:
+            image.save(temporary, format=pil_format, **kwargs)
+            return _publish_numbered(temporary, out, tail)
+    except OSError as error:
+        raise _output_error(out, error) from error
+
+
+def _publish_numbered(temporary: Path, out: Path, tail: str) -> Path:
+    """Claim ``out/NNNNN<tail>`` for ``temporary``, the first free index from the scan."""
+    index = next_index(out)
+    while True:
+        target = out / f"{index:05d}{tail}"
+        try:
+            publish_new(temporary, target)
+        except FileExistsError:
             index += 1
-        os.replace(temporary, target)
-    return target
+            continue
+        return target
+
+
+def _output_error(out: Path, error: OSError) -> OutputError:
+    """The :class:`OutputError` for a failed save into ``out``."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        reason = "it is a file, expected a folder"
+    else:
+        reason = os_error_reason(error)
+    return OutputError(f"cannot save an image in {str(out)!r}: {reason}")
 
 
 def _decode_user_comment(raw: Any) -> str | None:
@@ -98,25 +136,94 @@ def _decode_user_comment(raw: Any) -> str | None:
     return body.rstrip(b"\0").decode("utf-8", errors="replace")
 
 
-def read_infotext(path: str | Path) -> str | None:
-    """The infotext stored in an image: PNG ``parameters`` text chunk, or the EXIF
-    UserComment of JPEG/WebP; None when the image has none.
+def _open_stream(path: Path, prefix: str, error_class: type[ImageFileError]) -> Any:
+    """``open(path, "rb")``, a folder or a missing file an ``error_class``."""
+    if os.path.isdir(path):
+        raise error_class(f"{prefix}is a folder, expected an image file")
+    try:
+        return open(path, "rb")  # the caller closes it (``with``)
+    except FileNotFoundError as error:
+        raise error_class(f"{prefix}no such file") from error
+    except OSError as error:
+        raise error_class(f"{prefix}cannot be read: {error.strerror or error}") from error
 
-    Raises:
-        FileNotFoundError: no such file.
-        InfotextError: the file is not an image Pillow can open.
-    """
+
+@contextmanager
+def _open_image(path: Path, prefix: str, error_class: type[ImageFileError]) -> Iterator[Any]:
+    """``PIL.Image.open`` on ``path`` (headers only), every failure an ``error_class``."""
     from PIL import Image, UnidentifiedImageError
 
+    with _open_stream(path, prefix, error_class) as stream:
+        try:
+            image = Image.open(stream)
+        except UnidentifiedImageError as error:
+            raise error_class(f"{prefix}is not an image file Pillow can read") from error
+        except Image.DecompressionBombError as error:
+            raise error_class(_too_large(prefix, Image.MAX_IMAGE_PIXELS)) from error
+        except DECODE_ERRORS as error:
+            raise error_class(f"{prefix}is truncated or corrupt: {error}") from error
+        with image:
+            yield image
+
+
+def _too_large(prefix: str, limit: int | None) -> str:
+    return (
+        f"{prefix}declares more than {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS), which "
+        "could be a decompression bomb; raise that limit only for a file you trust"
+    )
+
+
+def read_infotext(path: str | Path, *, option: str = "image") -> str | None:
+    """The infotext stored in an image: PNG ``parameters`` text chunk, or the EXIF
+    UserComment of JPEG/WebP; None when the image has none. Pixels are not decoded.
+
+    Args:
+        path: the image file.
+        option: how messages name it, e.g. ``"--from-infotext"``.
+
+    Raises:
+        InfotextError: ``<option> '<path>': <reason>`` -- no such file, a folder, not an
+            image, truncated or corrupt, a declared size over Pillow's bomb limit.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            text = image.info.get("parameters")
-            if isinstance(text, str):
-                return text
+    prefix = f"{option} {str(path)!r}: "
+    with _open_image(path, prefix, InfotextError) as image:
+        text = image.info.get("parameters")
+        if isinstance(text, str):
+            return text
+        try:
             comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
-    except UnidentifiedImageError as error:
-        raise InfotextError(f"{str(path)!r} is not an image file Pillow can read") from error
+        except DECODE_ERRORS as error:
+            raise InfotextError(f"{prefix}has corrupt EXIF data: {error}") from error
     return _decode_user_comment(comment)
+
+
+def load_init_image(path: str | Path, option: str = "--init-image") -> Any:
+    """The image at ``path`` as an RGB ``PIL.Image``, fully decoded, its file closed.
+
+    Pixels are decoded (``.load()``) here, so a truncated file fails now, not in the
+    middle of a run; an image over ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's
+    decompression-bomb limit, about 89 million) is refused before it is decoded.
+
+    Raises:
+        ImageFileError: ``<option> '<path>': <reason>`` -- no such file, a folder, not an
+            image, truncated or corrupt, too many pixels, a mode without an RGB form.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    prefix = f"{option} {str(path)!r}: "
+    with _open_image(path, prefix, ImageFileError) as image:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and image.width * image.height > limit:
+            raise ImageFileError(_too_large(prefix, limit))
+        try:
+            image.load()
+        except DECODE_ERRORS as error:
+            raise ImageFileError(f"{prefix}is truncated or corrupt: {error}") from error
+        try:
+            return image.convert("RGB")
+        except (ValueError, OSError) as error:
+            raise ImageFileError(
+                f"{prefix}has mode {image.mode}, which cannot be converted to RGB: {error}"
+            ) from error

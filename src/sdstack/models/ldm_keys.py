@@ -281,14 +281,25 @@ def save_single_file(
     """Write ``components`` as an SD1.x single-file ``.safetensors`` checkpoint (LDM keys).
 
     ``dtype`` (a ``torch.dtype``) casts floating-point tensors; ``None`` keeps them.
-    The file is written next to ``path`` under a temporary name, then renamed over it.
+    The file is written next to ``path`` under a temporary name, then renamed over it
+    with the mode a plain ``open()`` gives. The model's own file is never overwritten.
+
+    Raises:
+        CheckpointError: ``path`` is the file the model was loaded from.
     """
     import os
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    from sdstack.atomic_files import temporary_file
+    from sdstack.atomic_files import replace, temporary_file
+    from sdstack.models.detect import CheckpointError
+
+    source = getattr(components, "path", None)
+    if source is not None and Path(path).exists() and os.path.samefile(path, source):
+        raise CheckpointError(
+            f"{path}: is the file this model was loaded from; save to a new file name"
+        )
 
     state = {}
     for key, tensor in to_ldm_state_dict(components).items():
@@ -297,4 +308,4 @@ def save_single_file(
         state[key] = tensor.detach().contiguous()
     with temporary_file(Path(path).parent, suffix=".safetensors") as temporary:
         save_file(state, str(temporary), metadata={"format": "pt", **(metadata or {})})
-        os.replace(temporary, path)
+        replace(temporary, path)
