@@ -113,7 +113,7 @@ def test_generate_user_errors(tiny_checkpoint, tmp_path, capsys):
     code, _, err = cli(capsys, *base, "--sampler", "Euler A2")
     assert code == 2 and "unknown sampler 'Euler A2'; did you mean 'Euler a'" in err
     code, _, err = cli(capsys, "generate", *model_args(tiny_checkpoint), "--out", str(tmp_path))
-    assert code == 2 and "give a PROMPT or --from-infotext IMAGE" in err
+    assert code == 2 and "give a PROMPT (or - to read it from standard input), or --from-infotext" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "sdstack.commands.prompt",
     "sdstack.commands.encode",
     "sdstack.commands.generate",
+    "sdstack.commands.demo",
     "sdstack.commands.info",
     "sdstack.commands.models",
 )

@@ -1,4 +1,4 @@
-"""The ``sdstack generate`` and ``sdstack demo`` commands.
+"""The ``sdstack generate`` command.
 
 torch and diffusers are imported inside the handlers, so ``--help`` stays fast.
 """
@@ -10,10 +10,27 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-DEMO_PROMPT = "a (red:1.3) [cat:fox:0.5] in a garden, [[blurry]] AND sunset sky :0.6"
-DEMO_NEGATIVE = "lowres, (text:1.2)"
+from sdstack.commands.progress import JobProgress
 
 # argparse dest -> GenerationParams field; None means "not given" (infotext may set it).
+OPTION_NAMES = {
+    "steps": "--steps",
+    "cfg_scale": "--cfg",
+    "sampler": "--sampler",
+    "schedule_type": "--schedule-type",
+    "seed": "--seed",
+    "width": "--width",
+    "height": "--height",
+    "batch_size": "--batch-size",
+    "batch_count": "--batch-count",
+    "clip_skip": "--clip-skip",
+    "emphasis": "--emphasis",
+    "denoising_strength": "--denoising-strength",
+    "pad_conds": "--pad-conds",
+    "init_image": "--init-image",
+}
+"""GenerationParams field -> the option that sets it, for messages."""
+
 PARAM_FLAGS = {
     "negative": "negative",
     "steps": "steps",
@@ -41,22 +58,8 @@ def _clip_skip(text: str) -> float:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``generate`` and ``demo`` parsers."""
+    """Add the ``generate`` parser."""
     _add_generate(subparsers)
-    demo = subparsers.add_parser(
-        "demo",
-        help="generate one image with a tiny random model (offline, seconds)",
-        description="Build a tiny random SD1-like model in memory and generate one small "
-        "image from a prompt that uses emphasis, a prompt schedule and AND; write the PNG "
-        "with its infotext and print the path and the infotext. The picture is noise-like "
-        "(random weights): this shows the pipeline, not a real model.",
-    )
-    demo.add_argument("--out", default="outputs", help="output folder (default: outputs)")
-    demo.add_argument("--steps", type=int, default=12, help="sampling steps (default: 12)")
-    demo.add_argument("--seed", type=int, default=1, help="seed (default: 1; -1 = random)")
-    demo.add_argument("--size", default="128x128", help="WxH (default: 128x128)")
-    demo.add_argument("--sampler", default="Euler a", help="sampler (default: Euler a)")
-    demo.set_defaults(handler=run_demo)
 
 
 def _add_generate(subparsers: Any) -> None:
@@ -66,17 +69,31 @@ def _add_generate(subparsers: Any) -> None:
         description="Generate images with the reference UI's prompt language, samplers, "
         "seeds and infotext. Images are saved as OUT/NNNNN-SEED.png with a 'parameters' "
         "text chunk; the paths are printed. Unset options take the values of "
-        "--from-infotext, else the defaults shown.",
+        "--from-infotext, else the defaults shown. Everything is checked before the model "
+        "loads.",
     )
     parser.add_argument(
-        "prompt", nargs="?", default=None, help="the prompt (optional with --from-infotext)"
+        "prompt",
+        nargs="?",
+        default=None,
+        help="the prompt; - reads it from standard input (optional with --from-infotext)",
     )
     parser.add_argument(
-        "--model", required=True, help="checkpoint (.safetensors/.ckpt) or diffusers folder"
+        "--model",
+        default=None,
+        help="checkpoint (.safetensors/.ckpt) or diffusers folder; with --root also a name "
+        "as 'sdstack models list' shows it, or a hash (default with --from-infotext and "
+        "--root: the infotext's model)",
+    )
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="a web UI install folder (or its models/ folder): finds --model and --vae by "
+        "name or hash and embeddings/ without --embeddings (default: $SDSTACK_ROOT)",
     )
     _add_sampling_options(parser)
     parser.add_argument("--embeddings", default=None, help="folder of textual-inversion files")
-    parser.add_argument("--vae", default=None, help="separate VAE file")
+    parser.add_argument("--vae", default=None, help="separate VAE file (or a name with --root)")
     parser.add_argument(
         "--config-dir",
         default=None,
@@ -86,13 +103,20 @@ def _add_generate(subparsers: Any) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="images per batch (default: 1)"
     )
-    parser.add_argument("--batch-count", type=int, default=None, help="batches (default: 1)")
+    parser.add_argument(
+        "--batch-count",
+        "--n-iter",
+        dest="batch_count",
+        type=int,
+        default=None,
+        help="batches (default: 1)",
+    )
     parser.add_argument("--init-image", default=None, help="img2img: the starting image")
     parser.add_argument(
         "--denoising-strength",
         type=float,
         default=None,
-        help="img2img strength 0..1 (default: 0.75)",
+        help="img2img strength 0..1 (default: 0.75); needs --init-image",
     )
     parser.add_argument(
         "--dtype",
@@ -116,13 +140,24 @@ def _add_generate(subparsers: Any) -> None:
         metavar="IMAGE",
         help="take the settings from this image's infotext; explicit options override them",
     )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress display (paths are still printed)"
+    )
     parser.set_defaults(handler=run_generate)
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--negative", default=None, help="negative prompt (default: '')")
+    parser.add_argument(
+        "--negative",
+        "--negative-prompt",
+        dest="negative",
+        default=None,
+        help="negative prompt (default: '')",
+    )
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20)")
-    parser.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 7)")
+    parser.add_argument(
+        "--cfg", "--cfg-scale", dest="cfg", type=float, default=None, help="CFG scale (default: 7)"
+    )
     parser.add_argument(
         "--sampler",
         default=None,
@@ -133,8 +168,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Automatic, Uniform, Karras or Exponential (default: Automatic)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed, -1 = random (default)")
+    parser.add_argument("--seed", type=int, default=None, help="seed; -1 = a random seed (default)")
     parser.add_argument("--size", default=None, help="WxH, multiples of 8 (default: 512x512)")
+    parser.add_argument("--width", type=int, default=None, help="width (instead of --size)")
+    parser.add_argument("--height", type=int, default=None, help="height (instead of --size)")
     parser.add_argument(
         "--clip-skip",
         type=_clip_skip,
@@ -171,139 +208,164 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def collect_params(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
-    """GenerationParams keyword arguments (infotext values, then explicit options) and the
-    parsed infotext (empty without ``--from-infotext``)."""
+def explicit_params(args: argparse.Namespace) -> dict[str, Any]:
+    """GenerationParams keyword arguments for the options given on the command line.
+
+    Raises:
+        CommandError: ``--size`` with ``--width``/``--height``, or ``--denoising-strength``
+            without ``--init-image``.
+    """
     from sdstack.cli import CommandError
-    from sdstack.generate import params_from_infotext, parse_infotext, read_infotext
+    from sdstack.commands.arguments import read_prompt_argument
 
-    values: dict[str, Any] = {}
-    info: dict[str, str] = {}
-    if args.from_infotext:
-        text = read_infotext(args.from_infotext)
-        if not text:
-            raise CommandError(f"{args.from_infotext!r} holds no infotext")
-        info = parse_infotext(text)
-        values = params_from_infotext(info)
-    for flag, field in PARAM_FLAGS.items():
-        if getattr(args, flag) is not None:
-            values[field] = getattr(args, flag)
+    values = {
+        f: getattr(args, flag) for flag, f in PARAM_FLAGS.items() if getattr(args, flag) is not None
+    }
     if args.prompt is not None:
-        values["prompt"] = args.prompt
+        values["prompt"] = read_prompt_argument(args.prompt)
     if args.size is not None:
+        if args.width is not None or args.height is not None:
+            raise CommandError("give either --size WxH or --width/--height, not both")
         values["width"], values["height"] = parse_size(args.size)
-    if "prompt" not in values:
-        raise CommandError("give a PROMPT or --from-infotext IMAGE")
-    return values, info
+    for side in ("width", "height"):
+        if getattr(args, side) is not None:
+            values[side] = getattr(args, side)
+    if args.denoising_strength is not None and args.init_image is None:
+        raise CommandError(
+            "--denoising-strength is the img2img strength: it needs --init-image IMAGE"
+        )
+    return values
 
 
-def _note_other_model(info: dict[str, str], components: Any) -> None:
-    """Tell (stderr) when --from-infotext names another model or RNG than ours."""
+def option_names(explicit: dict[str, Any], from_infotext: bool) -> dict[str, str]:
+    """Field -> how a message names it: the option, and where the value came from."""
+    names = dict(OPTION_NAMES)
+    if from_infotext:
+        for field, option in OPTION_NAMES.items():
+            if field not in explicit:
+                names[field] = f"{option} (from the --from-infotext image)"
+    return names
+
+
+def build_job(args: argparse.Namespace) -> Any:
+    """The :class:`GenerationJob` of the command line: infotext, then explicit options;
+    checked (settings, limits, init image) before anything loads.
+
+    Raises:
+        CommandError, SettingError, ImageFileError, PromptSyntaxError: bad input.
+    """
+    from sdstack.cli import CommandError
+    from sdstack.generate.images import load_init_image, read_infotext
+    from sdstack.generate.job import GenerationJob
+    from sdstack.generate.params import GenerationParams
+
+    explicit = explicit_params(args)
+    if args.init_image is not None:
+        explicit["init_image"] = load_init_image(args.init_image)
+    if args.from_infotext:
+        text = read_infotext(args.from_infotext, option="--from-infotext")
+        if not text:
+            raise CommandError(f"--from-infotext {args.from_infotext!r}: holds no infotext")
+        job = GenerationJob.from_infotext(text, **explicit)
+    elif "prompt" not in explicit:
+        raise CommandError(
+            "give a PROMPT (or - to read it from standard input), or --from-infotext IMAGE"
+        )
+    else:
+        job = GenerationJob(GenerationParams(**explicit))
+    job.check(option_names(explicit, bool(args.from_infotext)))
+    return job
+
+
+def _note_other_model(job: Any, components: Any) -> None:
+    """Tell (stderr) when --from-infotext names another model than the one loaded."""
     from sdstack.generate.infotext import file_short_hash
 
-    if info and info.get("RNG", "GPU") != "CPU":
-        print(
-            f"sdstack: note: the image was made with RNG {info.get('RNG', 'GPU')}; sdstack "
-            "draws noise on the CPU (RNG: CPU), so the picture will differ",
-            file=sys.stderr,
-        )
-    wanted = info.get("Model hash"), info.get("Model")
-    if wanted == (None, None):
+    if job.model_hash is None and job.model is None:
         return
     loaded = file_short_hash(components.path), components.name
-    same_hash = wanted[0] is not None and wanted[0] == loaded[0]
-    if not same_hash and wanted[1] != loaded[1]:
-        print(
-            f"sdstack: note: the infotext names model {wanted[1]} ({wanted[0]}); "
-            f"generating with {loaded[1]} ({loaded[0]})",
-            file=sys.stderr,
+    same_hash = job.model_hash is not None and job.model_hash == loaded[0]
+    if not same_hash and job.model != loaded[1]:
+        _note(
+            f"the infotext names model {job.model} ({job.model_hash}); generating with "
+            f"{loaded[1]} ({loaded[0]})"
         )
 
 
-def _load_init_image(path: str | None) -> Any:
-    if path is None:
-        return None
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def run_with_progress(
-    components: Any, params: Any, save: Callable[[Any], Any], embeddings: Any = None
-) -> list[Any]:
-    """``generate`` with a tqdm bar on stderr over all denoiser calls; ``save(result)`` runs
-    for each image as soon as it is decoded, so finished images survive a later failure."""
-    from tqdm import tqdm
-
-    from sdstack.generate import generate
-
-    with tqdm(total=None, unit="step", file=sys.stderr, desc="sampling") as bar:
-
-        def callback(step: int, total: int, _latents: Any) -> None:
-            if bar.total != total:
-                bar.reset(total=total)
-            bar.update(step - bar.n)
-
-        def on_image(result: Any) -> None:
-            bar.write(str(save(result)), file=sys.stdout)
-
-        return generate(
-            components, params, embeddings=embeddings, callback=callback, on_image=on_image
-        )
+def _note(text: str) -> None:
+    print(f"sdstack: note: {text}", file=sys.stderr)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Handler of ``sdstack generate``."""
-    from sdstack.generate import GenerationParams, check_inputs, save_image
-    from sdstack.generate.pipeline import reject_network_tags
-    from sdstack.models import load_model
+    """Handler of ``sdstack generate``: check everything, then load, then generate."""
+    from sdstack.commands.job_files import resolve_files
+    from sdstack.generate.images import save_image
+    from sdstack.generate.job import describe_unhonoured
+    from sdstack.generate.outputs import check_output_folder
 
-    values, info = collect_params(args)
-    values["init_image"] = _load_init_image(args.init_image)
-    params = GenerationParams(**values)
-    check_inputs(params)
-    reject_network_tags(params.prompt)
-    components = load_model(
-        args.model, vae=args.vae, dtype=args.dtype, device=args.device, config_dir=args.config_dir
-    )
-    embeddings = None
-    if args.embeddings:
-        from sdstack.text import EmbeddingLibrary
-
-        width = components.text_encoder.get_input_embeddings().embedding_dim
-        embeddings = EmbeddingLibrary.from_dir(args.embeddings, width=width)
-    _note_other_model(info, components)
+    # 1. Check settings, files and the output folder before anything heavy.
+    job = build_job(args)
+    paths = resolve_files(args, job)
+    check_output_folder(args.out)
+    if job.unhonoured:
+        _note("not applied from the infotext: " + describe_unhonoured(job.unhonoured))
 
     def save(result: Any) -> Any:
         return save_image(
             result.image, result.infotext, args.out, seed=result.seed, fmt=args.format
         )
 
-    run_with_progress(components, params, save, embeddings)
+    # 2. Load, 3. generate; each image is saved as soon as it is decoded.
+    with JobProgress(enabled=not args.quiet) as progress:
+        components = _load(args, paths, progress)
+        if args.from_infotext:
+            _note_other_model(job, components)
+        embeddings = _embeddings(paths.embeddings, components)
+        run_job(components, job, progress, save, embeddings)
     return 0
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Handler of ``sdstack demo``."""
-    from sdstack.generate import GenerationParams, save_image
-    from sdstack.models.tiny import tiny_components
+def _load(args: argparse.Namespace, paths: Any, progress: JobProgress) -> Any:
+    from sdstack.models import load_model
 
-    width, height = parse_size(args.size)
-    params = GenerationParams(
-        DEMO_PROMPT,
-        negative=DEMO_NEGATIVE,
-        steps=args.steps,
-        cfg_scale=7.0,
-        sampler=args.sampler,
-        seed=args.seed,
-        width=width,
-        height=height,
+    return load_model(
+        paths.model,
+        vae=paths.vae,
+        dtype=args.dtype,
+        device=args.device,
+        config_dir=args.config_dir,
+        progress=progress.loading,
     )
 
-    def save(result: Any) -> Any:
-        return save_image(result.image, result.infotext, args.out, seed=result.seed)
 
-    result = run_with_progress(tiny_components(seed=0), params, save)[0]
-    print(result.infotext)
-    return 0
+def _embeddings(folder: Any, components: Any) -> Any:
+    if folder is None:
+        return None
+    from sdstack.text import EmbeddingLibrary
+
+    width = components.text_encoder.get_input_embeddings().embedding_dim
+    return EmbeddingLibrary.from_dir(folder, width=width)
+
+
+def run_job(
+    components: Any,
+    job: Any,
+    progress: JobProgress,
+    save: Callable[[Any], Any],
+    embeddings: Any = None,
+) -> list[Any]:
+    """``generate`` with the phase display; ``save(result)`` runs for each image as soon as
+    it is decoded (its path printed), so finished images survive a later failure."""
+    from sdstack.generate import generate
+
+    def on_image(result: Any) -> None:
+        progress.write(str(save(result)))
+
+    return generate(
+        components,
+        job,
+        embeddings=embeddings,
+        callback=progress.on_step,
+        on_phase=progress.on_phase,
+        on_image=on_image,
+    )

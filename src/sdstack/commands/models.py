@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def register(subparsers) -> None:
@@ -24,14 +27,15 @@ def register(subparsers) -> None:
         "reference UI writes in infotext: Model/VAE hash = sha256[:10], TI hashes = "
         "sha256[:12], Lora hashes = kohya/addnet hash[:12]. Hashes are cached (keyed by "
         "path, size and modification time) under $SDSTACK_CACHE_DIR, $XDG_CACHE_HOME/sdstack "
-        "or ~/.cache/sdstack, so only new or changed files are read.",
+        "or ~/.cache/sdstack, so only new or changed files are read. Special files (FIFOs, "
+        "devices), broken links and folder loops are skipped with a warning.",
     )
     listing.add_argument(
         "--root",
-        default=".",
-        metavar="DIR",
+        default=None,
+        metavar="WEBUI_DIR",
         help="web UI install folder holding models/ and embeddings/, or the models/ folder "
-        "itself (default: the current folder)",
+        "itself (default: $SDSTACK_ROOT, else the current folder)",
     )
     listing.add_argument(
         "--kind",
@@ -63,12 +67,28 @@ def _human_size(size: int) -> str:
     return f"{value:.1f} GiB"
 
 
-def _compute_hashes(entries, enabled: bool) -> dict:
-    """entry -> (full hash or None, error or None); new hashes read with a byte progress bar."""
+def _cached(entry) -> tuple[str | None, str | None]:
+    """(cached hash, None), or (None, why) when the file cannot be read or looked at."""
+    if entry.error is not None:
+        return None, entry.error  # already a warning while listing
+    try:
+        return entry.cached_sha256(), None
+    except (ValueError, OSError) as error:
+        return None, str(error)
+
+
+def _compute_hashes(library, entries, enabled: bool) -> dict:
+    """entry -> (full hash or None, error or None); new hashes read with a byte progress bar.
+
+    A file that cannot be hashed is an ``SdstackWarning`` (after the bar), unless listing
+    it already was one.
+    """
     from tqdm import tqdm
 
-    results = {entry: (entry.cached_sha256(), None) for entry in entries}
-    pending = [entry for entry in entries if results[entry][0] is None] if enabled else []
+    from sdstack.errors import SdstackWarning
+
+    results = {entry: _cached(entry) for entry in entries}
+    pending = [entry for entry in entries if results[entry] == (None, None)] if enabled else []
     total = sum(entry.size for entry in pending)
     with tqdm(
         total=total,
@@ -87,6 +107,10 @@ def _compute_hashes(entries, enabled: bool) -> dict:
                 results[entry] = (None, str(error))
             done += entry.size
             bar.update(done - bar.n)  # the addnet hash skips the header bytes
+    for entry, (_, error) in results.items():
+        if error is not None and error != entry.error:
+            path = library.display_path(entry.path)
+            warnings.warn(f"could not hash {path}: {error}", SdstackWarning, stacklevel=2)
     return results
 
 
@@ -103,7 +127,7 @@ def _rows(library, entries, results) -> list[dict]:
             "short_hash": digest[: SHORT_HASH_LENGTH[entry.kind]] if digest else None,
             "sha256": digest,
             "size": entry.size,
-            "path": entry.path.relative_to(library.root).as_posix(),
+            "path": library.display_path(entry.path),
         }
         if error is not None:
             row["error"] = error
@@ -135,23 +159,48 @@ def _print_table(rows: list[dict], kinds: tuple[str, ...]) -> None:
         count = sum(row["kind"] == kind for row in rows)
         if count == 0:
             print(f"(no {kind} files)")
-    for row in rows:
-        if "error" in row:
-            print(
-                f"sdstack: warning: could not hash {row['path']}: {row['error']}", file=sys.stderr
-            )
+
+
+@contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """Print each ``SdstackWarning`` as ``sdstack: warning: <message>`` when it happens."""
+    from sdstack.errors import SdstackWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SdstackWarning)
+        show_other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, SdstackWarning):
+                print(f"sdstack: warning: {message}", file=sys.stderr)
+            else:
+                show_other(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def run_list(args: argparse.Namespace) -> int:
     """Handler of ``sdstack models list``."""
-    from sdstack.models.library import KINDS, ModelLibrary
+    from sdstack.models import hashes
 
-    # 1. find the folders (errors name what was looked for)
-    library = ModelLibrary(args.root)
+    with _warnings_to_stderr():
+        try:
+            return _list(args)
+        finally:
+            hashes.flush()  # what was hashed so far is kept, even after Ctrl-C
+
+
+def _list(args: argparse.Namespace) -> int:
+    from sdstack.models.library import KINDS, ModelLibrary
+    from sdstack.models.root import open_library
+
+    # 1. find the folders (errors name --root or SDSTACK_ROOT and what was looked for)
+    library = open_library(args.root) or ModelLibrary(".")
     kinds = tuple(kind for kind in KINDS if not args.kind or kind in args.kind)
-    # 2. list, then hash what is not cached yet
+    # 2. list (hostile entries are warnings), then hash what is not cached yet
     entries = library.entries(kinds)
-    results = _compute_hashes(entries, enabled=not args.no_hash)
+    results = _compute_hashes(library, entries, enabled=not args.no_hash)
     rows = _rows(library, entries, results)
     # 3. print
     if args.json:

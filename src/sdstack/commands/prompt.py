@@ -11,6 +11,7 @@ import json
 import sys
 
 from sdstack.prompt.inspect_report import REPORT_SHAPE
+from sdstack.prompt.limits import MAX_STEPS
 
 INSPECT_DESCRIPTION = """\
 Show how the reference (AUTOMATIC1111 web UI v1.10) reads a prompt, stage by stage:
@@ -42,9 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=INSPECT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    inspect.add_argument("prompt", metavar="PROMPT", help="the prompt text, or - to read stdin")
     inspect.add_argument(
-        "--steps", type=int, default=20, metavar="N", help="sampling steps (default: 20)"
+        "prompt", metavar="PROMPT", help="the prompt text, or - to read it from stdin (UTF-8)"
+    )
+    inspect.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        metavar="N",
+        help=f"sampling steps the schedules are resolved over, 1..{MAX_STEPS} (default: 20)",
     )
     inspect.add_argument(
         "--comma-backtrack",
@@ -63,11 +70,19 @@ def _print_group_help(group: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _read_prompt(value: str) -> str:
-    """The prompt argument, or stdin for ``-`` (trailing newlines removed)."""
+def read_prompt(value: str) -> str:
+    """The prompt argument, or stdin for ``-`` (trailing newlines removed).
+
+    Stdin is read as bytes and decoded as UTF-8 with ``surrogateescape``, as command-line
+    arguments are, so that a stray byte reaches the prompt check
+    (``sdstack.prompt.errors.check_text``), which names it and its position.
+    """
     if value != "-":
         return value
-    return sys.stdin.read().rstrip("\r\n")
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (e.g. io.StringIO)
+        return sys.stdin.read().rstrip("\r\n")
+    return buffer.read().decode("utf-8", "surrogateescape").rstrip("\r\n")
 
 
 def inspect_command(args: argparse.Namespace) -> int:
@@ -75,12 +90,12 @@ def inspect_command(args: argparse.Namespace) -> int:
     from sdstack.cli import CommandError
     from sdstack.prompt.inspect_report import format_report, inspect_prompt
     from sdstack.prompt.tokenizer import load_tokenizer
+    from sdstack.validate import check_int
 
-    if args.steps < 1:
-        raise CommandError(f"--steps must be at least 1, got {args.steps}")
+    check_int("--steps", args.steps, 1, MAX_STEPS)
     if not 0 <= args.comma_backtrack <= 74:
         raise CommandError(f"--comma-backtrack must be in 0..74, got {args.comma_backtrack}")
-    prompt = _read_prompt(args.prompt)
+    prompt = read_prompt(args.prompt)
     report = inspect_prompt(
         prompt, load_tokenizer(), steps=args.steps, comma_backtrack=args.comma_backtrack
     )

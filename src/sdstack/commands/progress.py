@@ -1,0 +1,68 @@
+"""One progress display per job on stderr: loading, encoding, sampling, decoding.
+
+A single tqdm bar is reset at each phase, so a person sees what is happening and how far
+it is, and never a silent pause longer than one phase step: loading counts tensors (or
+bytes), sampling counts denoiser calls over the whole job with the batch in the label,
+encoding and decoding show their batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class JobProgress:
+    """Phase-by-phase progress; use as a context manager around the job."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=None, desc="starting", file=sys.stderr, disable=not enabled, leave=False
+        )
+        self.batch, self.batches = 0, 1
+
+    def __enter__(self) -> JobProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+    def phase(self, name: str, total: int | None = None, unit: str = "it") -> None:
+        """Start phase ``name`` with ``total`` units (None: unknown)."""
+        label = self._label(name) if name in ("sampling", "decoding") else name
+        self.bar.reset()
+        self.bar.total = total  # reset(total=None) would keep the old total
+        self.bar.unit = unit
+        self.bar.set_description_str(label, refresh=True)
+
+    def loading(self, done: int, total: int) -> None:
+        """``load_model(progress=...)``: ``done`` of ``total`` tensors read."""
+        if self.bar.desc != "loading" or self.bar.total != total:
+            self.phase("loading", total, "tensor")
+        self.bar.update(done - self.bar.n)
+
+    def on_phase(self, name: str) -> None:
+        """``generate(on_phase=...)``."""
+        if name != "sampling":
+            self.phase(name)
+
+    def on_step(self, record: Any) -> None:
+        """``generate(callback=...)``: a :class:`~sdstack.generate.StepRecord`."""
+        self.batch, self.batches = record.batch, record.batches
+        if self.bar.unit != "step" or self.bar.total != record.total:
+            self.phase("sampling", record.total, "step")
+            self.bar.update(record.step - 1)
+        elif not self.bar.desc.endswith(f"{record.batch + 1}/{record.batches}"):
+            self.bar.set_description_str(self._label("sampling"), refresh=False)
+        self.bar.update(record.step - self.bar.n)
+        if record.step == record.total:
+            self.bar.refresh()  # show the last step even within tqdm's mininterval
+
+    def _label(self, name: str) -> str:
+        return name if self.batches == 1 else f"{name} {self.batch + 1}/{self.batches}"
+
+    def write(self, text: str) -> None:
+        """Print ``text`` on stdout without breaking the bar."""
+        self.bar.write(text, file=sys.stdout)
