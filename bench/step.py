@@ -78,10 +78,10 @@ def run_ours(components, params, sync):
 
     stamps, last = [], {}
 
-    def callback(step, total, latents):
+    def callback(record):
         sync()
         stamps.append(time.perf_counter())
-        last["latents"] = latents
+        last["latents"] = record.latents
 
     start = time.perf_counter()
     generate(components, params, callback=callback)

@@ -28,6 +28,7 @@ from sdstack.text.clip_skip import (
     token_embedding,
 )
 from sdstack.text.conditioning import Conditioning
+from sdstack.text.embeddings import EmbeddingError
 from sdstack.text.emphasis import apply_emphasis, check_emphasis
 from sdstack.text.schedule_encoding import merge_schedules, part_schedules
 
@@ -41,13 +42,13 @@ def _embedding_vectors(embeddings: Mapping[str, Any] | None, width: int) -> dict
     for name, item in (embeddings or {}).items():
         tensor = getattr(item, "vectors", item)
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(
+            raise EmbeddingError(
                 f"embedding {name!r}: expected an Embedding or a tensor, got {type(item).__name__}"
             )
         tensor = tensor.detach().float()
         tensor = tensor[None] if tensor.ndim == 1 else tensor
         if tensor.ndim != 2 or tensor.shape[-1] != width or tensor.shape[0] < 1:
-            raise ValueError(
+            raise EmbeddingError(
                 f"embedding {name!r} has shape {tuple(tensor.shape)}: expected (vectors, {width}) "
                 f"to match the text encoder's token-embedding width {width}"
             )
@@ -348,7 +349,7 @@ class PromptEncoder:
     def _slot_vectors(self, slot: Any) -> torch.Tensor:
         vectors = self._vectors.get(slot.name)
         if vectors is None or vectors.shape[0] != slot.vectors:
-            raise ValueError(
+            raise EmbeddingError(
                 f"chunk slot names embedding {slot.name!r} ({slot.vectors} vectors), which this "
                 f"encoder does not hold with that many vectors; known: {sorted(self._counts)}"
             )

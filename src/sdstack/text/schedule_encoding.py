@@ -12,6 +12,7 @@ interval names one text per part.
 from __future__ import annotations
 
 from sdstack.prompt import extract_networks, prompt_schedule, split_and
+from sdstack.validate import SettingError
 
 SchedulePlan = list[tuple[int, list[tuple[str, float]]]]
 """``[(end_step, [(text, AND weight), ...]), ...]``, ascending, last end_step == steps."""
@@ -21,10 +22,10 @@ def check_steps(steps: int) -> int:
     """``steps`` after checking it is a positive integer.
 
     Raises:
-        ValueError: not an integer (bools refused) or below 1.
+        SettingError: not an integer (bools refused) or below 1.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise SettingError(f"steps must be a positive integer, got {steps!r}")
     return steps
 
 
