@@ -83,6 +83,13 @@ def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: A
 _default_show_warning = warnings.showwarning
 
 
+def _flush_hash_cache() -> None:
+    """Write the file-hash cache now (not at exit), so a failure prints as a warning."""
+    cache = sys.modules.get("sdstack.models.hash_cache")
+    if cache is not None:
+        cache.flush()
+
+
 def _quiet_broken_pipe() -> int:
     """``sdstack info x | head``: the reader left. Point stdout at /dev/null so the final
     flush does not fail again, and exit as a process killed by SIGPIPE would (141)."""
@@ -106,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         code = int(handler(args) or 0)
+        _flush_hash_cache()
         sys.stdout.flush()
         return code
     except KeyboardInterrupt:

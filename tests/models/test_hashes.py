@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from sdstack.models import hashes
+from sdstack.models import hash_cache, hashes
 from sdstack.models.safetensors_header import (
     SafetensorsHeaderError,
     read_safetensors_header,
@@ -20,9 +20,10 @@ from sdstack.models.safetensors_header import (
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
-    """Every test gets its own empty cache folder."""
+    """Every test gets its own empty cache folder and a fresh default cache object."""
     folder = tmp_path / "cache"
     monkeypatch.setenv("SDSTACK_CACHE_DIR", str(folder))
+    monkeypatch.setattr(hash_cache, "_default_cache", hash_cache.HashCache())
     return folder
 
 
@@ -72,8 +73,10 @@ def test_cache_hit_does_not_read_the_file_again(tmp_path, read_counter, cache_di
     second = hashes.file_sha256(path)
     assert first == second == hashlib.sha256(b"abc" * 1000).hexdigest()
     assert len(read_counter) == 1
-    assert (cache_dir / "hashes.json").is_file()
     assert hashes.cached_file_sha256(path) == first
+    assert not (cache_dir / "hashes.json").exists()  # written once, by flush
+    hashes.flush()
+    assert hashes.cached_file_sha256(path, cache=hashes.HashCache()) == first  # a new run
 
 
 def test_cache_invalidated_when_size_or_mtime_changes(tmp_path, read_counter):
@@ -95,20 +98,35 @@ def test_cache_invalidated_when_size_or_mtime_changes(tmp_path, read_counter):
 
 
 @pytest.mark.parametrize(
-    "content", [b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'{"version": 99}', b""]
+    ("content", "reason"),
+    [
+        (b"{not json", r"Expecting property name enclosed in double quotes: line 1 column 2"),
+        (b"\xff\xfe\x00", r"'utf-8' codec can't decode byte 0xff in position 0"),
+        (b"[1, 2]", r"expected a JSON object, got list"),
+        (b'{"version": 99}', r"version 99, expected 1"),
+        (b"", r"Expecting value: line 1 column 1 \(char 0\)"),
+    ],
 )
-def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, cache_dir, content):
+def test_corrupt_cache_is_kept_aside_and_rewritten(tmp_path, cache_dir, content, reason):
     cache_dir.mkdir()
-    (cache_dir / "hashes.json").write_bytes(content)
+    cache = cache_dir / "hashes.json"
+    cache.write_bytes(content)
     path = tmp_path / "x.pt"
     path.write_bytes(b"payload")
-    assert hashes.file_sha256(path) == hashlib.sha256(b"payload").hexdigest()
-    data = json.loads((cache_dir / "hashes.json").read_text())
+    message = (
+        rf"the hash cache .*hashes\.json is corrupt \({reason}.*\); kept it as "
+        r".*hashes\.json\.bad and started an empty cache \(hashes will be recomputed\)"
+    )
+    with pytest.warns(hashes.HashCacheWarning, match=message):
+        assert hashes.file_sha256(path) == hashlib.sha256(b"payload").hexdigest()
+    assert (cache_dir / "hashes.json.bad").read_bytes() == content  # not lost silently
+    hashes.flush()
+    data = json.loads(cache.read_text())
     assert data["version"] == hashes.CACHE_VERSION
     assert [v["sha256"] for v in data["sections"]["sha256"].values()] == [
         hashlib.sha256(b"payload").hexdigest()
     ]
-    assert not [p.name for p in cache_dir.iterdir() if p.suffix == ".tmp"]  # no temp files left
+    assert not [p.name for p in cache_dir.iterdir() if p.name.startswith(".tmp")]
 
 
 def test_unwritable_cache_warns_and_still_hashes(tmp_path, monkeypatch):
@@ -117,9 +135,13 @@ def test_unwritable_cache_warns_and_still_hashes(tmp_path, monkeypatch):
     monkeypatch.setenv("SDSTACK_CACHE_DIR", str(blocker / "sub"))
     path = tmp_path / "x.pt"
     path.write_bytes(b"payload")
-    with pytest.warns(hashes.HashCacheWarning, match="could not write the hash cache"):
-        digest = hashes.file_sha256(path)
+    digest = hashes.file_sha256(path)
     assert digest == hashlib.sha256(b"payload").hexdigest()
+    with pytest.warns(hashes.HashCacheWarning, match="could not write the hash cache"):
+        hashes.flush()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hashes.flush()  # dropped after the warning: not retried at every flush
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
@@ -225,5 +247,139 @@ def test_concurrent_hashing_keeps_every_entry(tmp_path, cache_dir):
             thread.start()
         for thread in threads:
             thread.join()
+        hashes.flush()
     entries = json.loads((cache_dir / "hashes.json").read_text())["sections"]["sha256"]
     assert len(entries) == 8
+
+
+@pytest.fixture
+def cache_io(monkeypatch):
+    """Counts opens of the cache file (by hashes.py) and cache writes."""
+    counts = {"open": 0, "write": 0}
+
+    def counting_open(file, *args, **kwargs):
+        if os.fspath(file).endswith("hashes.json"):
+            counts["open"] += 1
+        return open(file, *args, **kwargs)
+
+    def counting_write(path, sections):
+        counts["write"] += 1
+        original_write(path, sections)
+
+    original_write = hash_cache._write_cache
+    monkeypatch.setattr(hash_cache, "open", counting_open, raising=False)
+    monkeypatch.setattr(hash_cache, "_write_cache", counting_write)
+    return counts
+
+
+@pytest.mark.timeout(60)
+def test_4000_lookups_read_the_cache_file_once(tmp_path, cache_dir, cache_io, read_counter):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    paths = [folder / f"m{index}.pt" for index in range(4000)]
+    for index, path in enumerate(paths):
+        path.write_bytes(index.to_bytes(2, "little"))
+    expected = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+    # a first run hashes everything: one read of the (missing) file, one re-read + write
+    assert [hashes.file_sha256(p) for p in paths] == expected
+    assert cache_io == {"open": 1, "write": 0}
+    hashes.flush()
+    assert cache_io == {"open": 2, "write": 1}
+    assert len(read_counter) == 4000
+
+    # a second run (a new cache object) finds them all with one read and no writes
+    run = hashes.HashCache()
+    assert [hashes.file_sha256(p, cache=run) for p in paths] == expected
+    run.flush()
+    assert cache_io == {"open": 3, "write": 1}
+    assert len(read_counter) == 4000  # no model file read again
+
+
+def test_two_cache_objects_merge_their_entries(tmp_path, cache_dir):
+    """Two writers that both loaded the file before either wrote keep both entries."""
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    first.write_bytes(b"a")
+    second.write_bytes(b"b")
+    one, two = hashes.HashCache(), hashes.HashCache()
+    assert one.get("sha256", hashes._file_key(first)) is None  # both loaded: empty
+    assert two.get("sha256", hashes._file_key(first)) is None
+    hashes.file_sha256(first, cache=one)
+    hashes.file_sha256(second, cache=two)
+    one.flush()
+    two.flush()
+    fresh = hashes.HashCache()
+    assert hashes.cached_file_sha256(first, cache=fresh) == hashlib.sha256(b"a").hexdigest()
+    assert hashes.cached_file_sha256(second, cache=fresh) == hashlib.sha256(b"b").hexdigest()
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from sdstack.models import hashes
+folder, me, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+for path in sorted(folder.glob(me + "-*.bin")):
+    hashes.file_sha256(path)
+(folder / (me + ".ready")).touch()
+deadline = time.monotonic() + 30
+while not (folder / (other + ".ready")).exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+# both processes have read the cache; each writes at exit (atexit flush)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_two_processes_writing_concurrently_keep_both_sets(tmp_path, cache_dir):
+    import subprocess
+    import sys
+
+    expected = {}
+    for name in ("left", "right"):
+        for index in range(50):
+            path = tmp_path / f"{name}-{index:02d}.bin"
+            path.write_bytes(f"{name}{index}".encode())
+            expected[str(path.resolve())] = hashlib.sha256(path.read_bytes()).hexdigest()
+    env = {**os.environ, "SDSTACK_CACHE_DIR": str(cache_dir)}
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path), me, other],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        for me, other in (("left", "right"), ("right", "left"))
+    ]
+    for writer in writers:
+        _, err = writer.communicate(timeout=50)
+        assert writer.returncode == 0, err.decode()
+    stored = json.loads((cache_dir / "hashes.json").read_text())["sections"]["sha256"]
+    assert {name: entry["sha256"] for name, entry in stored.items()} == expected
+
+
+def test_context_manager_and_environment_change_flush(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"m")
+    with hashes.HashCache(tmp_path / "explicit.json") as cache:
+        hashes.file_sha256(path, cache=cache)
+        assert not (tmp_path / "explicit.json").exists()
+    assert (tmp_path / "explicit.json").is_file()
+
+    hashes.file_sha256(path)  # the default cache, in $SDSTACK_CACHE_DIR
+    monkeypatch.setenv("SDSTACK_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert hashes.cached_file_sha256(path) is None  # a new file: the old one is written
+    assert (tmp_path / "cache" / "hashes.json").is_file()
+
+
+@pytest.mark.timeout(10)
+def test_special_files_are_refused_before_any_open(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    zero = tmp_path / "zero.ckpt"
+    zero.symlink_to("/dev/zero")  # reading it would never end
+    for function in (hashes.file_sha256, hashes.addnet_hash, hashes.legacy_model_hash):
+        with pytest.raises(hashes.HashError, match=r"pipe\.safetensors: a FIFO \(named pipe\), "):
+            function(fifo)
+    message = r"zero\.ckpt: a character device, not a regular file; only model files can be hashed"
+    with pytest.raises(hashes.HashError, match=message):
+        hashes.file_sha256(zero)
+    with pytest.raises(hashes.HashError, match=r": a folder, not a regular file"):
+        hashes.file_sha256(tmp_path)

@@ -8,12 +8,21 @@ import struct
 
 import pytest
 
-from sdstack.models.library import ModelLibrary, ModelLibraryError, iter_model_files, lora_sha256
+from sdstack.errors import SdstackWarning
+from sdstack.models import hash_cache
+from sdstack.models.library import (
+    ModelLibrary,
+    ModelLibraryError,
+    ModelNotFoundError,
+    iter_model_files,
+    lora_sha256,
+)
 
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SDSTACK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hash_cache, "_default_cache", hash_cache.HashCache())
 
 
 def write_safetensors(path, metadata: dict | None, data: bytes) -> bytes:
@@ -122,18 +131,42 @@ def test_find_by_alias_and_path_and_suggestions(install):
     assert library.find("lora", "add_detail").name == "detail"
     assert library.find("checkpoint", "anime/anything.ckpt").name == "anything"
     assert library.find("checkpoint", "v1-5.safetensors").name == "v1-5"
+    assert library.find("checkpoint", "anime/anything").name == "anything"  # no extension
+    assert library.find("checkpoint", "anime\\anything.ckpt").name == "anything"
+    folder = install / "models" / "Stable-diffusion"
     with pytest.raises(
-        ModelLibraryError, match=r"no checkpoint named 'v1-6' .*did you mean v1-5\?"
+        ModelNotFoundError,
+        match=rf"^no checkpoint named 'v1-6' in {folder}; did you mean v1-5\?$",
     ):
         library.find("checkpoint", "v1-6")
     with pytest.raises(ModelLibraryError, match=r"unknown model kind 'loras'"):
         library.find("loras", "x")
 
 
-def test_models_folder_itself_as_root(install):
+def test_same_name_in_two_subfolders_is_ambiguous(install):
+    folder = install / "models" / "Stable-diffusion"
+    write(folder / "other" / "anything.safetensors", b"a second anything")
+    library = ModelLibrary(install)
+    message = (
+        rf"^checkpoint name 'anything' is ambiguous in {folder}: anime/anything.ckpt, "
+        r"other/anything.safetensors; give the relative path \(e.g. 'anime/anything.ckpt'\)$"
+    )
+    with pytest.raises(ModelLibraryError, match=message):
+        library.find("checkpoint", "anything")
+    assert library.find("checkpoint", "other/anything").path.suffix == ".safetensors"
+    assert library.find("checkpoint", "anything.ckpt").relative_path == "anime/anything.ckpt"
+
+
+def test_models_folder_itself_as_root_finds_embeddings_beside_it(install):
     library = ModelLibrary(install / "models")
+    assert library.is_models_folder
     assert [e.name for e in library.vaes()] == ["mse", "v1-5.vae"]
-    assert library.embeddings() == []
+    assert library.folders["embedding"] == (install / "embeddings",)
+    assert [library.display_path(e.path) for e in library.embeddings()] == [
+        "../embeddings/easyneg.safetensors",
+        "../embeddings/more/style.pt",
+    ]
+    assert not ModelLibrary(install).is_models_folder
 
 
 def test_partial_install_lists_what_exists(tmp_path):
@@ -158,7 +191,12 @@ def test_root_errors(tmp_path):
 def test_corrupt_lora_header_lists_without_alias_and_hash_errors(tmp_path):
     write(tmp_path / "models" / "Lora" / "broken.safetensors", b"\xff" * 20)
     library = ModelLibrary(tmp_path)
-    (entry,) = library.loras()
+    message = (
+        r"broken\.safetensors: corrupt or truncated safetensors header: .*; listed without "
+        r"its alias \(ss_output_name\)$"
+    )
+    with pytest.warns(SdstackWarning, match=message):
+        (entry,) = library.loras()
     assert entry.alias is None
     with pytest.raises(ValueError, match=r"broken\.safetensors: corrupt or truncated"):
         entry.sha256()
@@ -168,7 +206,8 @@ def test_symlink_loop_is_walked_once(tmp_path):
     folder = tmp_path / "models" / "Lora"
     write(folder / "a.pt", b"a")
     (folder / "loop").symlink_to(folder, target_is_directory=True)
-    assert [p.name for p in iter_model_files(folder, (".pt",))] == ["a.pt"]
+    with pytest.warns(SdstackWarning, match=r"Lora/loop: links back to .*Lora, a folder it"):
+        assert [p.name for p in iter_model_files(folder, (".pt",))] == ["a.pt"]
 
 
 def test_lora_sha256_for_a_file_outside_a_library(tmp_path):

@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 def register(subparsers) -> None:
@@ -161,34 +159,14 @@ def _print_table(rows: list[dict], kinds: tuple[str, ...]) -> None:
             print(f"(no {kind} files)")
 
 
-@contextmanager
-def _warnings_to_stderr() -> Iterator[None]:
-    """Print each ``SdstackWarning`` as ``sdstack: warning: <message>`` when it happens."""
-    from sdstack.errors import SdstackWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", SdstackWarning)
-        show_other = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None) -> None:
-            if issubclass(category, SdstackWarning):
-                print(f"sdstack: warning: {message}", file=sys.stderr)
-            else:
-                show_other(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
-        yield
-
-
 def run_list(args: argparse.Namespace) -> int:
     """Handler of ``sdstack models list``."""
     from sdstack.models import hashes
 
-    with _warnings_to_stderr():
-        try:
-            return _list(args)
-        finally:
-            hashes.flush()  # what was hashed so far is kept, even after Ctrl-C
+    try:
+        return _list(args)  # warnings: SdstackWarning, printed by the CLI as it happens
+    finally:
+        hashes.flush()  # what was hashed so far is kept, even after Ctrl-C
 
 
 def _list(args: argparse.Namespace) -> int:

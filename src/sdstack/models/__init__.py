@@ -20,6 +20,8 @@ _LAZY = {
     "short_hash": "sdstack.models.hashes",
     "legacy_model_hash": "sdstack.models.hashes",
     "ModelLibrary": "sdstack.models.library",
+    "HashCache": "sdstack.models.hash_cache",
+    "resolve_model_paths": "sdstack.models.root",
 }
 
 __all__ = ["CheckpointError", "ModelComponents", *_LAZY]

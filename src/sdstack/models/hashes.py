@@ -1,4 +1,4 @@
-"""File hashes as the reference web UI writes them, with a persistent cache.
+"""File hashes as the reference web UI writes them, cached (``sdstack.models.hash_cache``).
 
 - ``file_sha256``: sha256 of the whole file (the reference's "sha256"), streamed in
   1 MiB blocks and cached by (resolved path, size, mtime_ns).
@@ -10,143 +10,85 @@
   First 12 hex in "Lora hashes".
 - ``legacy_model_hash``: the old 8-hex model hash, sha256 of 0x10000 bytes at 0x100000.
 
-The cache is one JSON file, ``hashes.json`` in ``$SDSTACK_CACHE_DIR``, else
-``$XDG_CACHE_HOME/sdstack``, else ``~/.cache/sdstack``. It is rewritten atomically
-(temp file + ``os.replace``) under a thread lock and, on POSIX, an ``flock`` on
-``hashes.json.lock``; an unreadable or corrupt cache is ignored and replaced.
+Only regular files are hashed: a FIFO, device, socket or folder is a ``HashError``
+before anything is opened (opening a FIFO would block). The cache is read once and
+written once per run; call ``flush()`` when done (commands do; so does ``atexit``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import threading
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
-from sdstack.atomic_files import temporary_file
+from sdstack.errors import SdstackError
+from sdstack.models import hash_cache
+from sdstack.models.hash_cache import (  # noqa: F401  (re-exported: the public hash API)
+    CACHE_FILE_NAME,
+    CACHE_VERSION,
+    FileKey,
+    HashCache,
+    HashCacheWarning,
+    cache_dir,
+    default_cache,
+    flush,
+    hash_cache_path,
+)
 from sdstack.models.safetensors_header import read_safetensors_header
 
 BLOCK_SIZE = 1024 * 1024
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000
-CACHE_FILE_NAME = "hashes.json"
-CACHE_VERSION = 1
 
 ProgressCallback = Callable[[int], None]
 """Called with the number of bytes just hashed (for a progress bar over bytes)."""
 
-_lock = threading.RLock()
+
+class HashError(SdstackError):
+    """A path that cannot be hashed: not a regular file."""
 
 
-class HashCacheWarning(UserWarning):
-    """The hash cache could not be written (hashes are still returned)."""
-
-
-def cache_dir() -> Path:
-    """Folder of sdstack's caches: $SDSTACK_CACHE_DIR, $XDG_CACHE_HOME/sdstack, ~/.cache/sdstack."""
-    explicit = os.environ.get("SDSTACK_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "sdstack"
-    return Path.home() / ".cache" / "sdstack"
-
-
-def hash_cache_path() -> Path:
-    """The JSON file that holds cached hashes (read from the environment on each call)."""
-    return cache_dir() / CACHE_FILE_NAME
-
-
-def _read_cache(cache_path: Path) -> dict[str, dict]:
-    """The cache's sections, ``{}`` when missing, unreadable or not our JSON layout."""
-    try:
-        data = json.loads(cache_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
-        return {}
-    sections = data.get("sections")
-    if not isinstance(sections, dict):
-        return {}
-    return {name: entries for name, entries in sections.items() if isinstance(entries, dict)}
-
-
-def _write_cache(cache_path: Path, sections: dict[str, dict]) -> None:
-    """Write the cache atomically; warn (never raise) when that is impossible."""
-    payload = json.dumps({"version": CACHE_VERSION, "sections": sections}, indent=1)
-    try:
-        with temporary_file(cache_path.parent, suffix=".json") as temporary:
-            temporary.write_text(payload, encoding="utf-8")
-            os.replace(temporary, cache_path)
-    except OSError as error:
-        warnings.warn(
-            f"could not write the hash cache {cache_path}: {error}; hashes will be "
-            "recomputed next time",
-            HashCacheWarning,
-            stacklevel=4,
-        )
-
-
-def _file_key(path: Path) -> tuple[str, int, int]:
-    """(resolved path, size, mtime_ns): a cached hash is valid while all three match."""
-    resolved = path.resolve()
-    stat = resolved.stat()
-    return str(resolved), stat.st_size, stat.st_mtime_ns
-
-
-def _cached(section: str, key: tuple[str, int, int]) -> str | None:
-    """The hash cached for ``key`` in ``section``, or None (missing or stale)."""
-    name, size, mtime_ns = key
-    with _lock:
-        entry = _read_cache(hash_cache_path()).get(section, {}).get(name)
-    if (
-        isinstance(entry, dict)
-        and entry.get("size") == size
-        and entry.get("mtime_ns") == mtime_ns
-        and isinstance(entry.get("sha256"), str)
+def file_type_name(mode: int) -> str:
+    """What ``stat.st_mode`` is, for messages: "a FIFO (named pipe)", "a folder"..."""
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
     ):
-        return entry["sha256"]
-    return None
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
-@contextmanager
-def _interprocess_lock(cache_path: Path) -> Iterator[None]:
-    """Exclusive ``flock`` on ``<cache>.lock`` where available (POSIX); else no-op."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: the in-process lock and atomic replace still hold
-        yield
-        return
-    try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(cache_path.with_name(cache_path.name + ".lock"), os.O_CREAT | os.O_RDWR)
-    except OSError:
-        yield  # unwritable folder: _write_cache will warn
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _or_default(cache: HashCache | None) -> HashCache:
+    return cache if cache is not None else hash_cache.default_cache()
 
 
-def _store(section: str, key: tuple[str, int, int], digest: str) -> None:
-    """Record ``digest`` for ``key`` (re-reading the file so concurrent entries survive)."""
-    name, size, mtime_ns = key
-    cache_path = hash_cache_path()
-    with _lock, _interprocess_lock(cache_path):
-        sections = _read_cache(cache_path)
-        sections.setdefault(section, {})[name] = {
-            "size": size,
-            "mtime_ns": mtime_ns,
-            "sha256": digest,
-        }
-        _write_cache(cache_path, sections)
+def _regular_file(path: Path) -> os.stat_result:
+    """``stat`` of ``path`` (links followed), refusing anything but a regular file.
+
+    Raises:
+        FileNotFoundError: no such file (or a dangling link).
+        HashError: a FIFO, device, socket or folder (never opened: a FIFO would block).
+    """
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise HashError(
+            f"{path}: {file_type_name(info.st_mode)}, not a regular file; only model files "
+            "can be hashed"
+        )
+    return info
+
+
+def _file_key(path: Path) -> FileKey:
+    """(resolved path, size, mtime_ns) of a regular file (see ``_regular_file``)."""
+    info = _regular_file(path)
+    return str(path.resolve()), info.st_size, info.st_mtime_ns
 
 
 def _sha256_from(path: Path, offset: int, progress: ProgressCallback | None) -> str:
@@ -166,14 +108,16 @@ def _cached_hash(
     path: str | os.PathLike[str],
     compute: Callable[[Path], str],
     use_cache: bool,
+    cache: HashCache | None,
 ) -> str:
     path = Path(path)
     key = _file_key(path)
-    if use_cache and (digest := _cached(section, key)) is not None:
+    cache = _or_default(cache)
+    if use_cache and (digest := cache.get(section, key)) is not None:
         return digest
     digest = compute(path)
     if use_cache:
-        _store(section, key, digest)
+        cache.put(section, key, digest)
     return digest
 
 
@@ -182,22 +126,30 @@ def file_sha256(
     *,
     progress: ProgressCallback | None = None,
     use_cache: bool = True,
+    cache: HashCache | None = None,
 ) -> str:
     """Reference-UI "sha256": sha256 of the whole file, 64 hex, cached.
 
-    The cache entry is keyed by the resolved path and reused only while the file's size
-    and ``st_mtime_ns`` are unchanged. ``progress(n)`` is called after each block of n
-    bytes actually read (never on a cache hit).
+    The cache entry (``cache``, default ``default_cache()``) is keyed by the resolved path
+    and reused only while the file's size and ``st_mtime_ns`` are unchanged.
+    ``progress(n)`` is called after each block of n bytes actually read (never on a hit).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        HashError: ``path`` is not a regular file (FIFO, device, folder...).
     """
-    return _cached_hash("sha256", path, lambda p: _sha256_from(p, 0, progress), use_cache)
+
+    def compute(p: Path) -> str:
+        return _sha256_from(p, 0, progress)
+
+    return _cached_hash("sha256", path, compute, use_cache, cache)
 
 
-def cached_file_sha256(path: str | os.PathLike[str]) -> str | None:
+def cached_file_sha256(
+    path: str | os.PathLike[str], *, cache: HashCache | None = None
+) -> str | None:
     """The cached ``file_sha256`` of ``path`` if still valid, else None (nothing is read)."""
-    return _cached("sha256", _file_key(Path(path)))
+    return _or_default(cache).get("sha256", _file_key(Path(path)))
 
 
 def short_hash(path: str | os.PathLike[str], *, progress: ProgressCallback | None = None) -> str:
@@ -215,6 +167,7 @@ def addnet_hash(
     *,
     progress: ProgressCallback | None = None,
     use_cache: bool = True,
+    cache: HashCache | None = None,
 ) -> str:
     """kohya / additional-networks hash the reference uses for LoRA files, 64 hex, cached.
 
@@ -223,25 +176,28 @@ def addnet_hash(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        HashError: ``path`` is not a regular file.
         SafetensorsHeaderError: a ``.safetensors`` file with a truncated/corrupt header.
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
-        return file_sha256(path, progress=progress, use_cache=use_cache)
+        return file_sha256(path, progress=progress, use_cache=use_cache, cache=cache)
 
     def compute(p: Path) -> str:
         _, data_offset = read_safetensors_header(p)
         return _sha256_from(p, data_offset, progress)
 
-    return _cached_hash("addnet", path, compute, use_cache)
+    return _cached_hash("addnet", path, compute, use_cache, cache)
 
 
-def cached_addnet_hash(path: str | os.PathLike[str]) -> str | None:
+def cached_addnet_hash(
+    path: str | os.PathLike[str], *, cache: HashCache | None = None
+) -> str | None:
     """The cached ``addnet_hash`` of ``path`` if still valid, else None (nothing is read)."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
-        return cached_file_sha256(path)
-    return _cached("addnet", _file_key(path))
+        return cached_file_sha256(path, cache=cache)
+    return _or_default(cache).get("addnet", _file_key(path))
 
 
 def addnet_short_hash(
@@ -257,8 +213,14 @@ def legacy_model_hash(path: str | os.PathLike[str]) -> str:
     Like the reference, it hashes whatever that read returns: for a file shorter than
     0x110000 bytes only the bytes from 0x100000 to the end, and for a file of at most
     1 MiB nothing at all (``sha256(b"")[:8] == "e3b0c442"``). Not cached (64 KiB read).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        HashError: ``path`` is not a regular file.
     """
-    with Path(path).open("rb") as file:
+    path = Path(path)
+    _regular_file(path)
+    with path.open("rb") as file:
         file.seek(LEGACY_OFFSET)
         data = file.read(LEGACY_LENGTH)
     return hashlib.sha256(data).hexdigest()[:8]

@@ -3,9 +3,12 @@
 ``<root>/models/Stable-diffusion`` checkpoints (.safetensors .ckpt .pt; ``*.vae.*``
 files there are VAEs), ``<root>/models/Lora`` and ``<root>/models/LyCORIS`` (.safetensors
 .pt .ckpt), ``<root>/models/VAE`` (.safetensors .pt .ckpt), ``<root>/embeddings`` (.pt
-.bin .safetensors). ``root`` may also be the ``models`` folder itself. Folders are
-scanned recursively: a folder's files sorted by name, then its subfolders; hidden
-entries and ``*.preview.*`` files are skipped.
+.bin .safetensors). ``root`` may also be the ``models`` folder itself (``embeddings``
+is then looked for beside it). Folders are scanned recursively: a folder's files sorted
+by name, then its subfolders; hidden entries and ``*.preview.*`` files are skipped, and
+so, with a warning, is anything that is not a regular file or a folder (see
+``iter_model_files``): a listing never opens a FIFO or device, never loops, and one bad
+file never ends it.
 
 Short hashes as the reference writes them in infotext: checkpoints and VAEs
 ``sha256[:10]``; embeddings ``sha256[:12]``; LoRA the ``sshs_model_hash`` from the
@@ -15,13 +18,16 @@ file's metadata when present, else the kohya/addnet hash (``addnet_hash``), ``[:
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
+import stat
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sdstack.errors import SdstackError
+from sdstack.errors import SdstackError, SdstackWarning
 from sdstack.models import hashes
 from sdstack.models.safetensors_header import SafetensorsHeaderError, safetensors_metadata
 
@@ -41,6 +47,10 @@ class ModelLibraryError(SdstackError):
     """A folder that is not laid out like the reference UI, or an unknown model name."""
 
 
+class ModelNotFoundError(ModelLibraryError):
+    """No model of that kind has that name (or hash); the message names the closest."""
+
+
 def _is_vae_file(path: Path) -> bool:
     """``name.vae.safetensors`` / ``.vae.pt`` / ``.vae.ckpt`` (a VAE beside checkpoints)."""
     return path.stem.lower().endswith(".vae")
@@ -57,6 +67,7 @@ class ModelEntry:
     size: int
     alias: str | None = None
     metadata_hash: str | None = None  # LoRA sshs_model_hash, lowercase 64 hex
+    error: str | None = None  # why listing could not read it (warned; hashing fails too)
 
     @property
     def relative_path(self) -> str:
@@ -82,45 +93,105 @@ class ModelEntry:
         return self.sha256(progress=progress)[: SHORT_HASH_LENGTH[self.kind]]
 
 
-def iter_model_files(folder: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
-    """Files under ``folder`` with these (lowercase) suffixes, recursively.
+def iter_model_files(folder: str | os.PathLike[str], suffixes: tuple[str, ...]) -> Iterator[Path]:
+    """Regular files under ``folder`` with these (lowercase) suffixes, recursively.
 
     Order: a folder's files sorted by name, then its subfolders (sorted). Hidden entries
-    (``.name``) and ``*.preview.*`` files are skipped; symlinked folders are followed
-    once (a folder reached twice is not walked again).
+    (``.name``) and ``*.preview.*`` files are skipped silently. Symlinks are followed; a
+    folder reached twice (a link back to a folder it is inside, or a second link to one
+    already walked; compared by device and inode) is walked once. Only ``stat`` and
+    ``listdir`` are used, nothing is opened, so a hostile folder cannot hang or abort the
+    walk: special files (FIFOs, devices, sockets, links to them), dangling links, link
+    loops, folder loops and subfolders that cannot be listed are each skipped with an
+    ``SdstackWarning`` naming the path.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+        NotADirectoryError: ``folder`` is not a folder.
     """
-    yield from _walk(Path(folder), suffixes, set())
+    folder = Path(folder)
+    info = folder.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(f"not a folder: {folder}")
+    yield from _walk(folder, (info.st_dev, info.st_ino), suffixes, {}, {})
 
 
-def _walk(folder: Path, suffixes: tuple[str, ...], seen: set[Path]) -> Iterator[Path]:
-    resolved = folder.resolve()
-    if resolved in seen:
-        return
-    seen.add(resolved)
+def _warn(message: str) -> None:
+    warnings.warn(message, SdstackWarning, stacklevel=3)
+
+
+def _walk(
+    folder: Path,
+    identity: tuple[int, int],
+    suffixes: tuple[str, ...],
+    ancestors: dict[tuple[int, int], Path],
+    seen: dict[tuple[int, int], Path],
+) -> Iterator[Path]:
+    """One folder of ``iter_model_files``: files first, then subfolders (depth first)."""
+    seen[identity] = ancestors[identity] = folder
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as error:
+        _warn(f"{folder}: could not list the folder ({error.strerror or error}); skipped")
+        names = []
     subfolders = []
-    for entry in sorted(folder.iterdir(), key=lambda item: item.name):
-        if entry.name.startswith("."):
+    for name in names:
+        if name.startswith("."):
             continue
-        if entry.is_dir():
-            subfolders.append(entry)
-        elif entry.suffix.lower() in suffixes and ".preview." not in entry.name.lower():
-            yield entry
-    for subfolder in subfolders:
-        yield from _walk(subfolder, suffixes, seen)
+        path = folder / name
+        info = _stat_entry(path)
+        if info is None:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            subfolders.append((path, (info.st_dev, info.st_ino)))
+        elif not stat.S_ISREG(info.st_mode):
+            kind = hashes.file_type_name(info.st_mode)
+            _warn(f"{path}: {kind}, not a model file; skipped")
+        elif path.suffix.lower() in suffixes and ".preview." not in name.lower():
+            yield path
+    for path, child in subfolders:
+        if child in ancestors:
+            _warn(
+                f"{path}: links back to {ancestors[child]}, a folder it is inside (a folder "
+                "loop); not followed"
+            )
+        elif child in seen:
+            _warn(f"{path}: the same folder as {seen[child]}, already listed; not listed twice")
+        else:
+            yield from _walk(path, child, suffixes, ancestors, seen)
+    del ancestors[identity]
 
 
-def _lora_metadata(path: Path) -> tuple[str | None, str | None]:
-    """(ss_output_name, sshs_model_hash) from a LoRA's safetensors header, if readable."""
+def _stat_entry(path: Path) -> os.stat_result | None:
+    """``os.stat`` (links followed), or None after a warning: dangling link, loop, error."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            _warn(f"{path}: dangling symbolic link (its target does not exist); skipped")
+        return None  # else removed while we looked
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            _warn(f"{path}: symbolic link loop (too many levels of links); skipped")
+        else:
+            _warn(f"{path}: could not read ({error.strerror or error}); skipped")
+        return None
+
+
+def _lora_metadata(path: Path) -> tuple[str | None, str | None, str | None]:
+    """(ss_output_name, sshs_model_hash, why the header could not be read) of a LoRA."""
     if path.suffix.lower() != ".safetensors":
-        return None, None
+        return None, None, None
     try:
         metadata = safetensors_metadata(path)
-    except SafetensorsHeaderError:
-        return None, None
+    except SafetensorsHeaderError as error:
+        return None, None, str(error)
+    except OSError as error:
+        return None, None, f"{path}: could not read the header ({error.strerror or error})"
     alias = metadata.get("ss_output_name") or None
     stored = metadata.get("sshs_model_hash", "")
     digest = stored.lower().removeprefix("0x") if _HEX64.match(stored) else None
-    return alias, digest
+    return alias, digest, None
 
 
 def lora_sha256(
@@ -132,14 +203,16 @@ def lora_sha256(
     ``hashes.addnet_hash(path)`` (tensor bytes after the header; whole file for .pt/.ckpt).
     """
     path = Path(path)
-    _, stored = _lora_metadata(path)
+    _, stored, _ = _lora_metadata(path)
     return stored if stored is not None else hashes.addnet_hash(path, progress=progress)
 
 
 class ModelLibrary:
     """The models of a reference-UI install folder, by kind (see the module docstring).
 
-    Raises ``FileNotFoundError`` when ``root`` does not exist and ``ModelLibraryError``
+    ``root`` is the install folder or its ``models/`` folder; in the latter case
+    ``embeddings/`` is looked for beside it (``root/../embeddings``), as the reference keeps
+    it. Raises ``FileNotFoundError`` when ``root`` does not exist and ``ModelLibraryError``
     when it holds none of the expected folders (the message lists them).
     """
 
@@ -147,6 +220,10 @@ class ModelLibrary:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"models root folder not found: {self.root}")
+        subfolders = {Path(f).name for relative, _ in LAYOUT.values() for f in relative}
+        self.is_models_folder = not (self.root / "models").is_dir() and any(
+            (self.root / name).is_dir() for name in subfolders - {"embeddings"}
+        )
         self.folders: dict[str, tuple[Path, ...]] = {
             kind: tuple(self._find_folders(relative)) for kind, (relative, _) in LAYOUT.items()
         }
@@ -159,30 +236,53 @@ class ModelLibrary:
             )
 
     def _find_folders(self, relatives: tuple[str, ...]) -> Iterator[Path]:
-        """Existing folders for these layout paths, under root or (models/ as root) directly."""
+        """Existing folders for these layout paths: under root, else (root = models/)
+        ``root/<name>`` for ``models/<name>`` and ``root/../embeddings``."""
         for relative in relatives:
-            for candidate in (self.root / relative, self.root / Path(relative).name):
+            candidates = [self.root / relative]
+            if relative.startswith("models/"):
+                candidates.append(self.root / relative.removeprefix("models/"))
+            elif self.is_models_folder:
+                candidates.append(Path(os.path.abspath(self.root)).parent / relative)
+            for candidate in candidates:
                 if candidate.is_dir():
                     yield candidate
                     break
 
+    def display_path(self, path: Path) -> str:
+        """``path`` relative to ``root`` with ``/`` (``../embeddings/x.pt`` beside models/)."""
+        return Path(os.path.relpath(path, self.root)).as_posix()
+
     def _entries(self, kind: str, folders: tuple[Path, ...]) -> list[ModelEntry]:
-        suffixes = LAYOUT[kind][1]
+        """Entries of the files under ``folders``; a LoRA header that cannot be read is an
+        ``SdstackWarning`` (listed without alias, ``error`` set)."""
         entries = []
         for folder in folders:
-            for path in iter_model_files(folder, suffixes):
-                if kind == "checkpoint" and _is_vae_file(path):
-                    continue
-                alias, metadata_hash = _lora_metadata(path) if kind == "lora" else (None, None)
-                size = path.stat().st_size
+            for path in iter_model_files(folder, LAYOUT[kind][1]):
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    continue  # removed since the walk saw it
+                alias, metadata_hash, error = (
+                    _lora_metadata(path) if kind == "lora" else (None, None, None)
+                )
+                if error is not None:
+                    _warn(f"{error}; listed without its alias (ss_output_name)")
                 entries.append(
-                    ModelEntry(kind, path.stem, path, folder, size, alias, metadata_hash)
+                    ModelEntry(kind, path.stem, path, folder, size, alias, metadata_hash, error)
                 )
         return entries
 
+    def _checkpoint_folder(self) -> tuple[list[ModelEntry], list[ModelEntry]]:
+        """(checkpoints, ``*.vae.*`` VAEs) of models/Stable-diffusion, from one walk."""
+        entries = self._entries("checkpoint", self.folders["checkpoint"])
+        checkpoints = [entry for entry in entries if not _is_vae_file(entry.path)]
+        beside = [replace(entry, kind="vae") for entry in entries if _is_vae_file(entry.path)]
+        return checkpoints, beside
+
     def checkpoints(self) -> list[ModelEntry]:
         """Checkpoint files (``*.vae.*`` files excluded)."""
-        return self._entries("checkpoint", self.folders["checkpoint"])
+        return self._checkpoint_folder()[0]
 
     def loras(self) -> list[ModelEntry]:
         """LoRA and LyCORIS files, ``alias`` = ``ss_output_name`` when present."""
@@ -190,42 +290,81 @@ class ModelLibrary:
 
     def vaes(self) -> list[ModelEntry]:
         """VAE files in models/VAE, then ``*.vae.*`` files beside the checkpoints."""
-        beside = [
-            entry
-            for entry in self._entries("vae", self.folders["checkpoint"])
-            if _is_vae_file(entry.path)
-        ]
-        return self._entries("vae", self.folders["vae"]) + beside
+        return self._entries("vae", self.folders["vae"]) + self._checkpoint_folder()[1]
 
     def embeddings(self) -> list[ModelEntry]:
         """Textual-inversion files (not loaded: use ``EmbeddingLibrary`` for that)."""
         return self._entries("embedding", self.folders["embedding"])
 
     def entries(self, kinds: tuple[str, ...] = KINDS) -> list[ModelEntry]:
-        """All entries of these kinds, in ``KINDS`` order."""
-        listing = {
-            "checkpoint": self.checkpoints,
-            "lora": self.loras,
-            "vae": self.vaes,
-            "embedding": self.embeddings,
-        }
-        return [entry for kind in KINDS if kind in kinds for entry in listing[kind]()]
+        """All entries of these kinds, in ``KINDS`` order (each folder walked once)."""
+        found: dict[str, list[ModelEntry]] = {}
+        if "checkpoint" in kinds or "vae" in kinds:
+            checkpoints, beside = self._checkpoint_folder()
+            found["checkpoint"] = checkpoints
+            found["vae"] = self._entries("vae", self.folders["vae"]) + beside
+        if "lora" in kinds:
+            found["lora"] = self.loras()
+        if "embedding" in kinds:
+            found["embedding"] = self.embeddings()
+        return [entry for kind in KINDS if kind in kinds for entry in found[kind]]
 
-    def find(self, kind: str, name: str) -> ModelEntry:
-        """The entry of ``kind`` whose name (or LoRA alias, or relative path) is ``name``.
+    def describe_folders(self, kind: str) -> str:
+        """``in <folders of kind>`` (VAEs: also the checkpoint folder), for messages."""
+        folders = self.folders[kind] + (self.folders["checkpoint"] if kind == "vae" else ())
+        if not folders:
+            return f"under {self.root} (no {', '.join(LAYOUT[kind][0])} folder)"
+        return "in " + ", ".join(str(folder) for folder in folders)
 
-        Raises ``ModelLibraryError`` naming the closest names when there is none.
-        """
+    def entries_of(self, kind: str) -> list[ModelEntry]:
+        """``entries((kind,))``, raising ``ModelLibraryError`` for an unknown kind."""
         if kind not in KINDS:
             raise ModelLibraryError(f"unknown model kind {kind!r}; expected one of {KINDS}")
-        entries = self.entries((kind,))
-        for entry in entries:
-            if name in (entry.name, entry.relative_path, entry.path.name):
-                return entry
-        for entry in entries:
-            if entry.alias == name:
-                return entry
+        return self.entries((kind,))
+
+    def find(self, kind: str, name: str) -> ModelEntry:
+        """The entry of ``kind`` that ``name`` names, as ``models list`` shows them.
+
+        Tried in order, the first that matches anything wins: relative path in its folder
+        (``anime/any.ckpt``), that without extension (``anime/any``), file name
+        (``any.ckpt``), name (``any``), LoRA alias (``ss_output_name``). ``\\`` counts as
+        ``/``.
+
+        Raises:
+            ModelNotFoundError: no entry (names the closest).
+            ModelLibraryError: several entries at that step (lists their paths), or an
+                unknown ``kind``.
+        """
+        entries = self.entries_of(kind)
+        found = _match_name(entries, name.replace("\\", "/"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            paths = [entry.relative_path for entry in found]
+            fix = "the relative path"
+            if len(set(paths)) < len(paths):  # the same path in models/Lora and LyCORIS
+                paths, fix = [str(entry.path) for entry in found], "the file's path"
+            raise ModelLibraryError(
+                f"{kind} name {name!r} is ambiguous {self.describe_folders(kind)}: "
+                f"{', '.join(paths)}; give {fix} (e.g. {paths[0]!r})"
+            )
         known = sorted({entry.name for entry in entries} | {e.alias for e in entries if e.alias})
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ModelLibraryError(f"no {kind} named {name!r} under {self.root}{hint}")
+        raise ModelNotFoundError(f"no {kind} named {name!r} {self.describe_folders(kind)}{hint}")
+
+
+def _match_name(entries: list[ModelEntry], name: str) -> list[ModelEntry]:
+    """Entries matching ``name`` at the first ``find`` step that matches any."""
+    steps = (
+        lambda e: e.relative_path,
+        lambda e: e.relative_path.rsplit(".", 1)[0],
+        lambda e: e.path.name,
+        lambda e: e.name,
+        lambda e: e.alias,
+    )
+    for key in steps:
+        found = [entry for entry in entries if key(entry) == name]
+        if found:
+            return found
+    return []
