@@ -1,9 +1,8 @@
 """One progress display per job on stderr: loading, encoding, sampling, decoding.
 
 A single tqdm bar is reset at each phase, so a person sees what is happening and how far
-it is, and never a silent pause longer than one phase step: loading counts tensors (or
-bytes), sampling counts denoiser calls over the whole job with the batch in the label,
-encoding and decoding show their batch.
+it is: loading counts tensors, sampling counts denoiser calls over the whole job with the
+batch in the label, encoding and decoding name their batch.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ class JobProgress:
         self.bar = tqdm(
             total=None, desc="starting", file=sys.stderr, disable=not enabled, leave=False
         )
+        self.label: str | None = None
+        self.total: int | None = None
         self.batch, self.batches = 0, 1
 
     def __enter__(self) -> JobProgress:
@@ -31,31 +32,29 @@ class JobProgress:
 
     def phase(self, name: str, total: int | None = None, unit: str = "it") -> None:
         """Start phase ``name`` with ``total`` units (None: unknown)."""
-        label = self._label(name) if name in ("sampling", "decoding") else name
+        self.label = self._label(name) if name in ("sampling", "decoding") else name
+        self.total = total
         self.bar.reset()
         self.bar.total = total  # reset(total=None) would keep the old total
         self.bar.unit = unit
-        self.bar.set_description_str(label, refresh=True)
+        self.bar.set_description_str(self.label, refresh=True)
 
     def loading(self, done: int, total: int) -> None:
         """``load_model(progress=...)``: ``done`` of ``total`` tensors read."""
-        if self.bar.desc != "loading" or self.bar.total != total:
+        if self.label != "loading" or self.total != total:
             self.phase("loading", total, "tensor")
         self.bar.update(done - self.bar.n)
 
     def on_phase(self, name: str) -> None:
-        """``generate(on_phase=...)``."""
+        """``generate(on_phase=...)``; sampling starts with its first step record."""
         if name != "sampling":
             self.phase(name)
 
     def on_step(self, record: Any) -> None:
         """``generate(callback=...)``: a :class:`~sdstack.generate.StepRecord`."""
         self.batch, self.batches = record.batch, record.batches
-        if self.bar.unit != "step" or self.bar.total != record.total:
+        if self.label != self._label("sampling") or self.total != record.total:
             self.phase("sampling", record.total, "step")
-            self.bar.update(record.step - 1)
-        elif not self.bar.desc.endswith(f"{record.batch + 1}/{record.batches}"):
-            self.bar.set_description_str(self._label("sampling"), refresh=False)
         self.bar.update(record.step - self.bar.n)
         if record.step == record.total:
             self.bar.refresh()  # show the last step even within tqdm's mininterval
