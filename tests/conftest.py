@@ -33,3 +33,18 @@ def tiny_components():
     from sdstack.models.tiny import tiny_components
 
     return tiny_components(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_components, tmp_path_factory):
+    """The tiny model as an LDM single file plus a config folder for its shapes."""
+    from sdstack.models.ldm_keys import save_single_file
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    checkpoint = folder / "tiny-model.safetensors"
+    save_single_file(tiny_components, checkpoint)
+    config = folder / "config"
+    tiny_components.unet.save_config(config / "unet")
+    tiny_components.vae.save_config(config / "vae")
+    tiny_components.text_encoder.config.save_pretrained(config / "text_encoder")
+    return checkpoint, config

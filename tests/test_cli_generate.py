@@ -14,21 +14,6 @@ from sdstack.generate import read_infotext
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_components, tmp_path_factory):
-    """The tiny model as an LDM single file plus a config folder for its shapes."""
-    from sdstack.models.ldm_keys import save_single_file
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    checkpoint = folder / "tiny-model.safetensors"
-    save_single_file(tiny_components, checkpoint)
-    config = folder / "config"
-    tiny_components.unet.save_config(config / "unet")
-    tiny_components.vae.save_config(config / "vae")
-    tiny_components.text_encoder.config.save_pretrained(config / "text_encoder")
-    return checkpoint, config
-
-
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     captured = capsys.readouterr()
