@@ -91,7 +91,11 @@ def test_prompt_from_stdin(capsys, monkeypatch):
     ("args", "message"),
     [
         (["(a:1.2.3)"], "sdstack: error: emphasis weight '1.2.3' is not a number"),
-        (["a", "--steps", "0"], "sdstack: error: --steps must be at least 1, got 0"),
+        (["a", "--steps", "0"], "sdstack: error: --steps must be between 1 and 1000, got 0\n"),
+        (
+            ["a", "--steps", "1000000000"],
+            "sdstack: error: --steps must be between 1 and 1000, got 1000000000\n",
+        ),
         (["a", "--comma-backtrack", "75"], "sdstack: error: --comma-backtrack must be in 0..74"),
     ],
 )
@@ -99,6 +103,51 @@ def test_errors_exit_2_with_a_message(capsys, args, message):
     code, out, err = run(capsys, *args)
     assert code == 2 and out == ""
     assert err.startswith(message)
+
+
+@pytest.mark.timeout(10)
+def test_hostile_prompts_are_refused_with_the_limit(capsys):
+    code, out, err = run(capsys, "a AND " * 300)
+    assert (code, out) == (2, "")
+    assert err == (
+        "sdstack: error: prompt has 301 AND parts; at most 256 texts are allowed "
+        "(MAX_SCHEDULE_TEXTS), and each part is one\n"
+    )
+    code, _, err = run(capsys, "[" + "|".join(map(str, range(300))) + "]", "--steps", "1000")
+    assert code == 2
+    assert err.startswith("sdstack: error: prompt resolves to up to 300 different texts")
+    code, _, err = run(capsys, "(" * 200 + "a")
+    assert code == 2
+    assert err.startswith("sdstack: error: emphasis brackets nested more than 100 deep")
+    # (a:1e400) is text with weight 1.1 (no exponent in the weight token); 400 digits
+    # overflow a float to inf, which made a black image
+    code, _, err = run(capsys, "(a:1e400) (b:1" + "0" * 400 + ")")
+    assert code == 2
+    assert err.startswith("sdstack: error: emphasis weight '10000000000")
+
+
+INVALID_UTF8 = (
+    "sdstack: error: prompt is not valid UTF-8 (pass or save it as UTF-8): undecodable "
+    "byte 0xff at position 2: 'x \\udcff y'\n    x   y\n      ^\n"
+)
+
+
+def test_invalid_utf8_argument_is_refused(capsys):
+    # argv arrives decoded with surrogateescape: the byte 0xff becomes U+DCFF
+    code, out, err = run(capsys, "x \udcff y")
+    assert (code, out, err) == (2, "", INVALID_UTF8)
+
+
+def test_invalid_utf8_on_stdin_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x \xff y\n")))
+    code, out, err = run(capsys, "-")
+    assert (code, out, err) == (2, "", INVALID_UTF8)
+
+
+def test_stdin_bytes_are_read_as_utf8(capsys, monkeypatch):
+    data = "ünï (cat:1.2)\r\n".encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="latin-1"))
+    assert run_json(capsys, "-")["prompt"] == "ünï (cat:1.2)"
 
 
 def test_help_has_description_example_and_json_shape(capsys):

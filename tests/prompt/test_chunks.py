@@ -6,9 +6,6 @@ the spec's worked emphasis examples, and counting tokens by hand.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -366,13 +363,25 @@ def test_chunk_fragments_without_a_tokenizer():
     assert result.token_count == 76
 
 
-def test_three_chunk_prompt_is_fast(tokenizer):
+class CountingTokenizer:
+    """Forwards to a tokenizer and counts its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.timeout(30)  # a hang guard, not a timing: 20 runs take ~20 ms
+def test_three_chunk_prompt_is_one_tokenizer_call(tokenizer):
+    """What keeps it fast without asserting wall-clock time: every emphasis fragment goes
+    through ONE batched tokenizer call, however many fragments and chunks."""
     prompt = "masterpiece, best quality, (a photo:1.2) of a [cat] on a red chair, " * 12
-    result = tokenize_prompt(prompt, tokenizer)
+    counting = CountingTokenizer(tokenizer)
+    result = tokenize_prompt(prompt, counting)
     assert len(result.chunks) == 3
-    timings = []
+    assert counting.calls == 1
     for _ in range(20):
-        start = time.perf_counter()
-        tokenize_prompt(prompt, tokenizer)
-        timings.append(time.perf_counter() - start)
-    assert statistics.median(timings) < 0.025  # about 1 ms on a quiet machine
+        assert tokenize_prompt(prompt, tokenizer) == result

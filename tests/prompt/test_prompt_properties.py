@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sdstack.prompt.attention import parse_attention
 from sdstack.prompt.composable import split_and
 from sdstack.prompt.errors import PromptSyntaxError
+from sdstack.prompt.limits import MAX_EMPHASIS_DEPTH, MAX_WEIGHT
 from sdstack.prompt.networks import extract_networks
 from sdstack.prompt.schedule import prompt_schedule
 
@@ -25,13 +26,25 @@ BREAK = re.compile(r"\s*\bBREAK\b\s*")
 @given(TEXT)
 @example("(a:1.2.3)")
 @example("x ((b: -. ) c)")
+@example("((a:1000):1.5)")
+@example("(a:1001)")
+@example("[" * 101)
 def test_parse_attention_total(text):
     try:
         fragments = parse_attention(text)
     except PromptSyntaxError as e:
-        # only a ':w)' closing an open '(' whose w float() refuses (the reference crashes)
+        # a ':w)' closing an open '(' whose w float() refuses (the reference crashes), or
+        # a documented limit (sdstack.prompt.limits) the reference does not have
         assert e.text == text
+        if e.reason.startswith("emphasis brackets nested"):
+            assert text[e.position] in "([" and e.position >= MAX_EMPHASIS_DEPTH
+            return
+        if "nested brackets multiply" in e.reason:
+            return  # a product of in-range weights beyond MAX_WEIGHT
         token = re.match(r"[+-]?[.\d]+", text[e.position :]).group()
+        if "is out of range" in e.reason:
+            assert not abs(float(token)) <= MAX_WEIGHT
+            return
         assert str(e).startswith(f"emphasis weight {token!r} is not a number")
         assert re.search(r":\s*$", text[: e.position])
         assert "(" in text[: e.position]
@@ -94,8 +107,14 @@ def test_prompt_schedule_without_square_brackets_is_the_text(text, steps):
 
 @FAST
 @given(TEXT)
+@example("a :1001")
 def test_split_and_total(text):
-    pieces = split_and(text)
+    try:
+        pieces = split_and(text)
+    except PromptSyntaxError as e:  # only a weight beyond MAX_WEIGHT (a documented limit)
+        assert e.reason.startswith("AND weight") and "is out of range" in e.reason
+        assert not abs(float(re.match(r"[+-]?[.\d]+", text[e.position :]).group())) <= MAX_WEIGHT
+        return
     assert len(pieces) == len(re.findall(r"\bAND\b", text)) + 1
     for piece, weight in pieces:
         assert not piece or not piece[-1].isspace()

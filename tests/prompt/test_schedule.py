@@ -8,6 +8,7 @@ import pytest
 
 from sdstack.prompt.errors import PromptSyntaxError
 from sdstack.prompt.schedule import prompt_schedule, schedule_for_step
+from sdstack.validate import SettingError
 
 
 @pytest.mark.parametrize(
@@ -135,11 +136,18 @@ def test_deep_nesting_does_not_hit_the_recursion_limit():
     assert result == [(5, "(" * 3000 + "a" + ")" * 3000), (20, "(" * 3000 + "b" + ")" * 3000)]
 
 
-def test_steps_must_be_a_positive_integer():
-    for steps in [0, -1, 2.5, True]:
-        message = f"steps must be an integer >= 1, got {steps!r}"
-        with pytest.raises(ValueError, match=re.escape(message)):
+def test_steps_must_be_an_integer_in_range():
+    # 2000: second-order samplers resolve schedules over 2 x generate's 1000 steps
+    for steps, message in [
+        (0, "steps must be between 1 and 2000, got 0"),
+        (-1, "steps must be between 1 and 2000, got -1"),
+        (2001, "steps must be between 1 and 2000, got 2001"),
+        (2.5, "steps must be an integer, got 2.5"),
+        (True, "steps must be an integer, got True"),
+    ]:
+        with pytest.raises(SettingError, match=re.escape(message)):
             prompt_schedule("a", steps)
+    assert prompt_schedule("[a:b:0.5]", 2000) == [(1000, "a"), (2000, "b")]
 
 
 def test_step_too_large_for_an_integer_is_an_error():

@@ -10,6 +10,7 @@ import torch
 
 from sdstack.cli import main
 from sdstack.text import EMPHASIS_MODES, PromptEncoder
+from tests.text import assert_forward_close, assert_matches, original_truth
 
 PROMPT = "a (red:1.2) fox, " + "tree, " * 40
 NEGATIVE = "blurry"
@@ -46,6 +47,7 @@ def test_encode_writes_prompt_embeds_equal_to_prompt_encoder(
     )
     with safe_open(str(out), framework="pt") as handle:
         assert sorted(handle.keys()) == ["negative_prompt_embeds", "prompt_embeds"]
+        # The command runs this same encode_pair on the same weights: identical computation.
         torch.testing.assert_close(handle.get_tensor("prompt_embeds"), cond.tensor)
         torch.testing.assert_close(handle.get_tensor("negative_prompt_embeds"), uncond.tensor)
         metadata = handle.metadata()
@@ -120,10 +122,13 @@ def test_full_single_file_checkpoint_goes_through_load_model(
     argv = ["a (fox:1.3)", "--model", str(checkpoint), "--config-dir", str(config_dir)]
     code, _, err = _run(capsys, *argv, "--clip-skip", "3", "--out", str(out))
     assert code == 0, err
-    want = PromptEncoder(tiny_components.text_encoder, tiny_components.tokenizer).encode(
-        "a (fox:1.3)", clip_skip=3
+    # The command encodes the prompt beside the empty negative (another batch): compare
+    # with the float64 truth of the prompt alone, within the "original" emphasis bound.
+    chunks = PromptEncoder(tiny_components.text_encoder, tiny_components.tokenizer).tokenize(
+        "a (fox:1.3)"
     )
-    torch.testing.assert_close(_saved_prompt_embeds(out), want.tensor)
+    (want,) = original_truth(tiny_components.text_encoder, [chunks.chunks], 3)
+    assert_matches(_saved_prompt_embeds(out)[0], want)
 
 
 def test_text_encoder_only_file_with_config_dir(
@@ -138,4 +143,125 @@ def test_text_encoder_only_file_with_config_dir(
     argv = ["a fox", "--model", str(weights), "--config-dir", str(config_dir), "--out", str(out)]
     assert _run(capsys, *argv)[0] == 0
     want = PromptEncoder(tiny_text_encoder, tokenizer).encode("a fox")
-    torch.testing.assert_close(_saved_prompt_embeds(out), want.tensor)
+    # All weights 1; the command batches the prompt with the empty negative.
+    assert_forward_close(_saved_prompt_embeds(out), want.tensor)
+
+
+# ``sdstack encode`` reads the prompt as ``sdstack generate`` does (schedules resolved over
+# --steps, AND split, tags refused); what a single prompt_embeds file cannot hold is
+# refused before any model is loaded.
+
+
+def _refused(tmp_path, capsys, model_dir, *argv):
+    out = tmp_path / "never.safetensors"
+    code, stdout, err = _run(capsys, *argv, "--model", str(model_dir), "--out", str(out))
+    assert (code, stdout) == (2, "")
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["a [cat:dog:0.5]"],
+            "prompt changes during sampling at --steps 20: 'a cat' up to step 10, 'a dog' up "
+            "to step 20 (2 different texts); a prompt_embeds file holds one text: encode each "
+            "text on its own, or use `sdstack generate`, which applies [from:to:when] and "
+            "[a|b] (`sdstack prompt inspect` shows the texts per step)",
+        ),
+        (
+            ["a fox", "--negative", "[blurry|noisy]", "--steps", "4"],
+            "--negative changes during sampling at --steps 4: 'blurry' up to step 1, 'noisy' "
+            "up to step 2, 'blurry' up to step 3, ... (2 different texts); a prompt_embeds "
+            "file holds one text",
+        ),
+        (
+            ["a cat AND a dog :0.5"],
+            "prompt has 2 AND parts ('a cat', ' a dog'): AND weighs several conditionings at "
+            "each sampling step and a prompt_embeds file holds one; encode each part on its "
+            "own, or use `sdstack generate`, which applies AND",
+        ),
+        (
+            ["masterpiece, a cat :2"],
+            "prompt ends in the AND weight :2 (the reference reads 'text :2' as a weight on "
+            "the guidance); a prompt_embeds file holds no weight: remove it, or use `sdstack "
+            "generate`, which applies it",
+        ),
+        (
+            ["<lora:film:0.6> a cat"],
+            "prompt contains extra-network tag(s) <lora:film>: LoRA/extra networks are not "
+            "supported yet; remove the tag(s) from the prompt",
+        ),
+        (["a", "--steps", "1000000000"], "--steps must be between 1 and 1000, got 1000000000"),
+        (
+            ["a \udcff"],
+            "prompt is not valid UTF-8 (pass or save it as UTF-8): undecodable byte 0xff at "
+            "position 2: 'a \\udcff'",
+        ),
+    ],
+    ids=["schedule", "negative schedule", "AND", "AND weight", "lora tag", "steps", "utf-8"],
+)
+def test_what_one_prompt_embeds_cannot_hold_is_refused(tmp_path, capsys, model_dir, argv, message):
+    err = _refused(tmp_path, capsys, model_dir, *argv)
+    assert err.startswith(f"sdstack: error: {message}")
+
+
+def _generate_conditioning(encoder, prompt, steps):
+    """What generate encodes: the one AND part of ``encode_schedule``, at its first entry."""
+    schedule = encoder.encode_schedule(prompt, steps)
+    (_end, [(cond, weight)]), *_rest = schedule
+    assert weight == 1.0
+    return cond.tensor
+
+
+@pytest.mark.parametrize(
+    ("prompt", "steps", "text"),
+    [
+        ("a [fox:cat:0] in snow", 20, "a cat in snow"),  # edited at step 0: cat throughout
+        ("a [fox|cat] in snow", 1, "a fox in snow"),  # one step: the first option only
+        ("a [fox:cat:25] in snow", 20, "a fox in snow"),  # step 25 is past the last step
+        ("a [fox|fox] in snow", 20, "a fox in snow"),  # every step gives the same text
+    ],
+)
+def test_schedules_with_one_text_are_encoded_as_generate_does(
+    tmp_path, capsys, model_dir, encoder, prompt, steps, text
+):
+    out = tmp_path / "cond.safetensors"
+    argv = [prompt, "--model", str(model_dir), "--steps", str(steps), "--out", str(out)]
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    saved = _saved_prompt_embeds(out)
+    torch.testing.assert_close(saved, _generate_conditioning(encoder, prompt, steps))
+    torch.testing.assert_close(saved, encoder.encode(text).tensor)
+
+
+def test_negative_prompt_keeps_and_and_tags_as_text(tmp_path, capsys, model_dir, encoder):
+    # generate's negative-prompt reading: no AND split, tags are literal text
+    from safetensors.torch import load_file
+
+    negative = "blurry AND <lora:x:1> :2"
+    out = tmp_path / "cond.safetensors"
+    argv = ["a fox", "--negative", negative, "--model", str(model_dir), "--out", str(out)]
+    assert _run(capsys, *argv)[0] == 0
+    cond, uncond = encoder.encode_pair("a fox", negative)
+    saved = load_file(str(out))
+    torch.testing.assert_close(saved["negative_prompt_embeds"], uncond.tensor)
+    torch.testing.assert_close(saved["prompt_embeds"], cond.tensor)
+
+
+def test_prompt_from_stdin(tmp_path, capsys, model_dir, encoder, monkeypatch):
+    import io
+    import sys
+
+    from safetensors import safe_open
+
+    data = "a (red:1.2) fox, über\n".encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="latin-1"))
+    out = tmp_path / "cond.safetensors"
+    assert _run(capsys, "-", "--model", str(model_dir), "--out", str(out))[0] == 0
+    with safe_open(str(out), framework="pt") as handle:
+        assert handle.metadata()["prompt"] == "a (red:1.2) fox, über"
+        assert handle.metadata()["steps"] == "20"
+        want = encoder.encode("a (red:1.2) fox, über").tensor
+        torch.testing.assert_close(handle.get_tensor("prompt_embeds"), want)

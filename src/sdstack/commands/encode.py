@@ -2,7 +2,8 @@
 
 The file holds exactly the two tensors a diffusers ``StableDiffusionPipeline`` takes as
 ``prompt_embeds=`` and ``negative_prompt_embeds=`` (same chunk count), plus metadata
-(prompt, negative prompt, clip skip, emphasis, model). torch and transformers are imported
+(prompt, negative prompt, steps, clip skip, emphasis, model). The prompt is read as
+``sdstack generate`` reads it (``encoded_texts``). torch and transformers are imported
 inside the handler so that ``sdstack --help`` stays fast.
 """
 
@@ -15,6 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sdstack.prompt.errors import shorten
+from sdstack.prompt.limits import MAX_STEPS
+
 DTYPES = ("fp32", "fp16", "bf16")
 EMPHASIS_CHOICES = ("original", "no-norm", "ignore", "comfy")
 """Same as ``sdstack.text.EMPHASIS_MODES`` (not imported here: it would load torch)."""
@@ -25,6 +29,16 @@ EPILOG = """\
 examples:
   sdstack encode --model ./sd15 "a (red:1.2) fox" --negative "blurry" --out fox.safetensors
   sdstack encode --model v1-5.safetensors "a fox" --clip-skip 2 --out fox2.safetensors
+  echo "a fox, [forest|meadow]" | sdstack encode - --steps 1 --model ./sd15 --out fox3.safetensors
+
+the prompt is read as `sdstack generate` reads it (with a first-order sampler):
+  [from:to:when] edits and [a|b] alternations are resolved over --steps. A prompt that
+  gives the same text at every step is encoded as that text; one that changes during
+  sampling is refused (a prompt_embeds file holds one text). AND parts and AND weights
+  ("text :2") are refused (they weigh several conditionings at sampling time); so are
+  <lora:...> tags, as in generate. The negative prompt is read as generate reads it:
+  scheduled, no AND split, tags kept as text. `sdstack prompt inspect PROMPT --steps N`
+  shows the texts per step.
 
 use in diffusers:
   pipe(**safetensors.torch.load_file("fox.safetensors"), num_inference_steps=20)
@@ -44,7 +58,11 @@ def register(subparsers: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("prompt", help="the prompt text (one text: no AND, no schedule)")
+    parser.add_argument(
+        "prompt",
+        help="the prompt text, or - to read it from stdin (UTF-8); one text at every step: "
+        "no AND, no schedule that changes it (see below)",
+    )
     parser.add_argument(
         "--model",
         required=True,
@@ -53,6 +71,14 @@ def register(subparsers: Any) -> None:
         "full single-file SD1.x checkpoint",
     )
     parser.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        metavar="N",
+        help=f"sampling steps [from:to:when] and [a|b] are resolved over, 1..{MAX_STEPS} "
+        "(default: 20, as generate)",
+    )
     parser.add_argument(
         "--clip-skip",
         type=float,
@@ -144,21 +170,84 @@ def write_conditioning(out: Path, tensors: dict[str, Any], metadata: dict[str, s
         os.replace(temporary, out)
 
 
+def encoded_texts(prompt: str, negative: str, steps: int) -> tuple[str, str]:
+    """The one text ``sdstack generate`` would encode at every step, for prompt and negative.
+
+    Same reading as generate (``sdstack.prompt.plan.plan_prompt``): network tags are
+    refused, the prompt is split on AND, and each text is scheduled over ``steps``. A
+    ``prompt_embeds`` file holds one text with no AND weight, so anything else is refused,
+    naming what was found and what to do instead.
+
+    Raises:
+        PromptNotSupportedError: network tags; several AND parts or an AND weight other
+            than 1; a schedule giving different texts at different steps.
+        PromptSyntaxError, PromptLimitError, SettingError: as ``plan_prompt``.
+    """
+    from sdstack.prompt.errors import PromptNotSupportedError
+    from sdstack.prompt.plan import plan_prompt, reject_network_tags
+
+    plan = plan_prompt(prompt, steps)
+    if plan.networks:
+        reject_network_tags(prompt)
+    if len(plan.parts) > 1:
+        shown = ", ".join(repr(shorten(part.text)) for part in plan.parts[:3])
+        more = ", ..." if len(plan.parts) > 3 else ""
+        raise PromptNotSupportedError(
+            f"prompt has {len(plan.parts)} AND parts ({shown}{more}): AND weighs several "
+            "conditionings at each sampling step and a prompt_embeds file holds one; encode "
+            "each part on its own, or use `sdstack generate`, which applies AND"
+        )
+    part = plan.parts[0]
+    if part.weight != 1.0:
+        raise PromptNotSupportedError(
+            f"prompt ends in the AND weight :{part.weight:g} (the reference reads "
+            f"'text :{part.weight:g}' as a weight on the guidance); a prompt_embeds file "
+            "holds no weight: remove it, or use `sdstack generate`, which applies it"
+        )
+    negative_plan = plan_prompt(negative, steps, negative=True)
+    return (
+        _one_text(part.schedule, "prompt", steps),
+        _one_text(negative_plan.parts[0].schedule, "--negative", steps),
+    )
+
+
+def _one_text(schedule: list[tuple[int, str]], what: str, steps: int) -> str:
+    """The text of a schedule that gives the same text at every step, else refuse."""
+    from sdstack.prompt.errors import PromptNotSupportedError
+
+    texts = {text for _, text in schedule}
+    if len(texts) == 1:
+        return schedule[0][1]
+    shown = ", ".join(f"{shorten(text)!r} up to step {end}" for end, text in schedule[:3])
+    more = ", ..." if len(schedule) > 3 else ""
+    raise PromptNotSupportedError(
+        f"{what} changes during sampling at --steps {steps}: {shown}{more} ({len(texts)} "
+        "different texts); a prompt_embeds file holds one text: encode each text on its "
+        "own, or use `sdstack generate`, which applies [from:to:when] and [a|b] "
+        "(`sdstack prompt inspect` shows the texts per step)"
+    )
+
+
 def run_encode(args: argparse.Namespace) -> int:
     """Handler: check arguments, load the text encoder, encode both prompts, save."""
     from tqdm import tqdm
 
     from sdstack.cli import CommandError
+    from sdstack.commands.prompt import read_prompt
     from sdstack.prompt import load_tokenizer
     from sdstack.text import EmbeddingLibrary, PromptEncoder
     from sdstack.text.emphasis import check_emphasis
+    from sdstack.validate import check_int
 
-    # 1. Check inputs before any loading.
+    # 1. Check inputs before any loading; the texts generate would encode.
     out = Path(args.out)
     if out.exists():
         raise CommandError(f"--out {str(out)!r} already exists; choose a new file name")
     emphasis = check_emphasis(args.emphasis)
     clip_skip = int(args.clip_skip) if float(args.clip_skip).is_integer() else args.clip_skip
+    check_int("--steps", args.steps, 1, MAX_STEPS)
+    prompt = read_prompt(args.prompt)
+    text, negative_text = encoded_texts(prompt, args.negative, args.steps)
     with tqdm(total=3, desc="encode", unit="step", file=sys.stderr) as progress:
         # 2. Load the text encoder (and embeddings).
         model = load_text_side(
@@ -172,14 +261,15 @@ def run_encode(args: argparse.Namespace) -> int:
         progress.update()
         # 3. Encode prompt and negative to the same chunk count.
         cond, uncond = encoder.encode_pair(
-            args.prompt, args.negative, clip_skip=clip_skip, emphasis=emphasis
+            text, negative_text, clip_skip=clip_skip, emphasis=emphasis
         )
         progress.update()
         # 4. Save atomically.
         metadata = {
             "format": "sdstack.encode/1",
-            "prompt": args.prompt,
+            "prompt": prompt,
             "negative_prompt": args.negative,
+            "steps": str(args.steps),
             "clip_skip": str(clip_skip),
             "emphasis": emphasis,
             "model": str(args.model),

@@ -43,6 +43,12 @@ FIELD_ORDER = (
 ``Version`` last."""
 
 PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+"""The reference's params regex; :func:`find_params` gives ``PARAM_PATTERN.findall`` in
+linear time (the regex itself is quadratic on a long line without ``:``)."""
+_SPACES = re.compile(r"\s*")
+_WORD = re.compile(r"\w")
+_KEY_CHARS = re.compile(r"[\w \-/]*")
+_QUOTED_BODY = re.compile(r'(?:\\.|[^\\"])*')
 SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
 DEFAULTS = {"Clip skip": "1", "Schedule type": "Automatic", "RNG": "GPU"}
 
@@ -105,11 +111,63 @@ def build_infotext(prompt: str, negative: str, fields: Mapping[str, Any]) -> str
     return f"{prompt}{negative_text}\n{params}".strip()
 
 
-def _split_lines(text: str) -> tuple[list[str], str]:
+def find_params(line: str) -> list[tuple[str, str]]:
+    """``PARAM_PATTERN.findall(line)``: the ``(key, raw value)`` pairs, in linear time.
+
+    At each position the regex skips whitespace; the key is then the whole run of
+    ``[\\w \\-/]`` starting with a word character (backtracking cannot end it earlier, as
+    ``:`` is not in the run), at least 2 long and followed by ``:``. After ``:`` and
+    whitespace the value is a ``"..."`` (escapes allowed) followed by ``,`` or the end,
+    else everything up to the next ``,``. A failed position moves on by one, as findall
+    does, and a run of key characters is scanned once for all the starts inside it.
+    Quoted scans never overlap: a quote opening a value follows ``:`` or a space, so an
+    earlier scan stops at it (it can only pass over a quote escaped by a backslash).
+    """
+    pairs: list[tuple[str, str]] = []
+    size = len(line)
+    run = (-1, -1)  # a run of key characters: (start, end)
+    position = 0
+    while position < size:
+        key_start = _SPACES.match(line, position).end()
+        if key_start >= size or not _WORD.match(line, key_start):
+            position = key_start + 1
+            continue
+        if not run[0] <= key_start < run[1]:
+            run = (key_start, _KEY_CHARS.match(line, key_start).end())
+        key_end = run[1]
+        if key_end >= size or line[key_end] != ":":
+            position = key_end  # every start inside the run fails the same way
+            continue
+        if key_end - key_start < 2:
+            position = key_start + 1
+            continue
+        value_start = _SPACES.match(line, key_end + 1).end()
+        value_end, position = _value_end(line, value_start)
+        pairs.append((line[key_start:key_end], line[value_start:value_end]))
+    return pairs
+
+
+def _value_end(line: str, start: int) -> tuple[int, int]:
+    """(end of the value, where the search goes on) for a value starting at ``start``."""
+    size = len(line)
+    if line.startswith('"', start):
+        close = _QUOTED_BODY.match(line, start + 1).end()  # the closing quote, if any
+        if close > start + 1 and line.startswith('"', close):
+            after = close + 1
+            if after == size or (after == size - 1 and line[after] == "\n"):  # '$'
+                return after, after
+            if line[after] == ",":
+                return after, after + 1
+    comma = line.find(",", start)
+    return (size, size) if comma < 0 else (comma, comma + 1)
+
+
+def _split_lines(text: str) -> tuple[list[str], list[tuple[str, str]]]:
     *lines, last = text.strip().split("\n")
-    if len(PARAM_PATTERN.findall(last)) < 3:
-        return [*lines, last], ""
-    return lines, last
+    params = find_params(last)
+    if len(params) < 3:
+        return [*lines, last], []
+    return lines, params
 
 
 def parse_infotext(text: str) -> dict[str, str]:
@@ -122,7 +180,7 @@ def parse_infotext(text: str) -> dict[str, str]:
     ``<key>-1`` and ``<key>-2``. Missing: ``Clip skip`` 1, ``Schedule type`` Automatic,
     ``RNG`` GPU. Values stay strings, as in the reference.
     """
-    lines, last = _split_lines(text)
+    lines, params = _split_lines(text)
     prompt: list[str] = []
     negative: list[str] = []
     for raw in lines:
@@ -134,7 +192,7 @@ def parse_infotext(text: str) -> dict[str, str]:
         else:
             prompt.append(line)
     result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in PARAM_PATTERN.findall(last):
+    for key, value in params:
         value = unquote(value.strip())
         result[key] = value
         size = SIZE_PATTERN.match(value)

@@ -15,6 +15,7 @@ from numbers import Integral
 from typing import Any
 
 from sdstack.prompt.attention import parse_attention
+from sdstack.prompt.errors import check_text
 from sdstack.prompt.tokenizer import BOS_ID, COMMA_ID, EOS_ID
 
 CHUNK_LENGTH = 75
@@ -303,8 +304,11 @@ def embedding_matcher(tokenizer: Any, embeddings: Mapping[str, int]) -> Embeddin
 
     Raises:
         ValueError: a vector count that is not a positive integer, or a name with no tokens.
+        PromptEncodingError: a name that is not valid UTF-8 (a file name's stray bytes).
     """
     _check_embeddings(embeddings)
+    for name in embeddings:
+        check_text(name, "embedding name")
     key = tuple(embeddings.items())
     try:
         matchers = _MATCHERS.setdefault(tokenizer, {})
@@ -359,10 +363,13 @@ def tokenize_prompt(
 
     Raises:
         PromptSyntaxError: the emphasis syntax is invalid (e.g. ``(a:1.2.3)``).
+        PromptEncodingError: the text is not valid UTF-8 (holds lone surrogates, which
+            the tokenizer cannot take).
         ValueError: ``comma_backtrack`` out of range; an embedding used in the prompt has
             more than 75 vectors; a vector count is not a positive integer.
     """
     # 1. Check inputs.
+    check_text(text)
     check_comma_backtrack(comma_backtrack)
     # 2. Emphasis fragments; BREAK markers are not tokenized.
     parsed = parse_attention(text) if parse_emphasis else [(text, 1.0)]

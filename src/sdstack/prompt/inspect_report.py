@@ -10,11 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sdstack.prompt.chunks import CHUNK_LENGTH, PromptChunk, PromptChunks, tokenize_prompt
-from sdstack.prompt.composable import split_and
-from sdstack.prompt.networks import NetworkTag, extract_networks
-from sdstack.prompt.schedule import prompt_schedule
+from sdstack.prompt.chunks import (
+    CHUNK_LENGTH,
+    PromptChunk,
+    PromptChunks,
+    check_comma_backtrack,
+    tokenize_prompt,
+)
+from sdstack.prompt.limits import MAX_STEPS
+from sdstack.prompt.networks import NetworkTag
+from sdstack.prompt.plan import plan_prompt
 from sdstack.prompt.tokenizer import EOS_ID
+from sdstack.validate import check_int
 
 REPORT_SHAPE = """\
 JSON shape:
@@ -40,36 +47,35 @@ def inspect_prompt(
     """The reference pipeline's stages for ``prompt``, as a JSON-ready dict (``REPORT_SHAPE``).
 
     Raises:
-        PromptSyntaxError: the prompt does not parse (e.g. ``(a:1.2.3)``).
-        ValueError: ``steps`` < 1 or ``comma_backtrack`` outside 0..74.
+        SettingError: ``steps`` outside 1..``MAX_STEPS`` (1000).
+        ValueError: ``comma_backtrack`` outside 0..74.
+        PromptSyntaxError: the prompt does not parse (e.g. ``(a:1.2.3)``), or is not
+            valid UTF-8 (``PromptEncodingError``).
+        PromptLimitError: the schedule would expand past ``sdstack.prompt.limits``.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    # 1. Network tags.
-    text, tags = extract_networks(prompt)
-    # 2. AND parts, 3. their schedules.
-    parts = []
-    distinct: dict[str, None] = {}
-    for part_text, weight in split_and(text):
-        schedule = prompt_schedule(part_text, steps)
-        distinct.update((resolved, None) for _, resolved in schedule)
-        parts.append(
-            {
-                "text": part_text,
-                "weight": weight,
-                "schedule": [{"end_step": end, "text": resolved} for end, resolved in schedule],
-            }
-        )
-    # 4. Emphasis and tokens, once per distinct text.
+    # 1. Check inputs.
+    check_int("steps", steps, 1, MAX_STEPS)
+    check_comma_backtrack(comma_backtrack)
+    # 2. Network tags, AND parts and their schedules (limits checked before expanding).
+    plan = plan_prompt(prompt, steps)
+    parts = [
+        {
+            "text": part.text,
+            "weight": part.weight,
+            "schedule": [{"end_step": end, "text": text} for end, text in part.schedule],
+        }
+        for part in plan.parts
+    ]
+    # 3. Emphasis and tokens, once per distinct text.
     texts = []
-    for resolved in distinct:
+    for resolved in plan.texts():
         chunks = tokenize_prompt(resolved, tokenizer, embeddings, comma_backtrack=comma_backtrack)
         texts.append(_text_entry(resolved, chunks, tokenizer.convert_ids_to_tokens))
     return {
         "prompt": prompt,
         "steps": steps,
         "comma_backtrack": comma_backtrack,
-        "networks": [_network_entry(tag) for tag in tags],
+        "networks": [_network_entry(tag) for tag in plan.networks],
         "parts": parts,
         "texts": texts,
     }

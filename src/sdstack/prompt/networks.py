@@ -6,9 +6,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from sdstack.prompt.errors import PromptSyntaxError
+from sdstack.prompt.errors import PromptSyntaxError, shorten
 
-_TAG = re.compile(r"<(\w+):([^>]+)>")
+# The reference's tag regex is <(\w+):([^>]+)>; ``_find_tags`` gives its matches in linear
+# time (the regex rescans to the end of the text from every '<' when no '>' follows).
+_TAG_HEAD = re.compile(r"<(\w+):")
 LORA_KINDS = ("lora", "lyco")  # "lyco" is the reference's alias of "lora"
 _LORA_FORM = "<lora:name[:te[:unet[:dyn]]]>"
 
@@ -64,19 +66,58 @@ def extract_networks(text: str) -> tuple[str, list[NetworkTag]]:
     tags: list[NetworkTag] = []
     kept: list[str] = []
     end = 0
-    for match in _TAG.finditer(text):
-        kept.append(text[end : match.start()])
-        end = match.end()
+    for match in _find_tags(text):
+        kept.append(text[end : match.start])
+        end = match.end
         tags.append(_read_tag(match, text))
     kept.append(text[end:])
     return "".join(kept), tags
 
 
-def _read_tag(match: re.Match, text: str) -> NetworkTag:
-    """Build the NetworkTag of one regex match."""
-    written_kind, args = match.group(1), match.group(2)
+@dataclass(frozen=True)
+class _TagMatch:
+    """One match of ``<(\\w+):([^>]+)>``: its span, the kind and the arguments."""
+
+    start: int
+    end: int
+    kind: str
+    args_start: int
+
+    def group(self, text: str) -> str:
+        return text[self.start : self.end]
+
+
+def _find_tags(text: str) -> list[_TagMatch]:
+    """``re.finditer(r"<(\\w+):([^>]+)>", text)``, in linear time.
+
+    At a ``<`` the regex matches exactly when the word characters after it are followed
+    by ``:`` and the next ``>`` after that colon is at least one character further on;
+    the search then goes on after that ``>``, or at the next ``<``.
+    """
+    matches: list[_TagMatch] = []
+    position, close = 0, -1
+    while (start := text.find("<", position)) >= 0:
+        head = _TAG_HEAD.match(text, start)
+        if head is None:
+            position = start + 1
+            continue
+        if close < head.end():  # else: close is still the first '>' after this colon
+            close = text.find(">", head.end())
+            if close < 0:
+                break  # no '>' left: no tag can follow
+        if close == head.end():
+            position = start + 1
+            continue
+        matches.append(_TagMatch(start, close + 1, head.group(1), head.end()))
+        position = close + 1
+    return matches
+
+
+def _read_tag(match: _TagMatch, text: str) -> NetworkTag:
+    """Build the NetworkTag of one tag match."""
+    written_kind, args = match.kind, text[match.args_start : match.end - 1]
     items = tuple(args.split(":"))
-    offsets = _item_offsets(items, match.start(2))
+    offsets = _item_offsets(items, match.args_start)
     named: dict[str, str] = {}
     named_offsets: dict[str, int] = {}
     positional: list[tuple[str, int]] = []
@@ -91,7 +132,7 @@ def _read_tag(match: re.Match, text: str) -> NetworkTag:
         "items": items,
         "named": named,
         "written_kind": written_kind,
-        "span": (match.start(), match.end()),
+        "span": (match.start, match.end),
     }
     if written_kind in LORA_KINDS:
         return _lora_tag(match, text, positional, named_offsets, common)
@@ -102,17 +143,17 @@ def _read_tag(match: re.Match, text: str) -> NetworkTag:
 
 
 def _lora_tag(
-    match: re.Match,
+    match: _TagMatch,
     text: str,
     positional: list[tuple[str, int]],
     named_offsets: dict[str, int],
     common: dict,
 ) -> NetworkTag:
     """LoRA arguments: positional name, te, unet, dyn; named te=, unet=, dyn= win."""
-    tag = match.group()
+    tag = shorten(match.group(text))
     if not positional:
         raise PromptSyntaxError(
-            f"LoRA tag {tag!r} has no name (expected {_LORA_FORM})", text, match.start()
+            f"LoRA tag {tag!r} has no name (expected {_LORA_FORM})", text, match.start
         )
     named = common["named"]
 
@@ -150,7 +191,7 @@ def _strict_float(value: str, what: str, tag: str, text: str, position: int) -> 
         number = math.nan
     if not math.isfinite(number):
         raise PromptSyntaxError(
-            f"LoRA tag {tag!r}: {what} {value!r} is not a finite number "
+            f"LoRA tag {tag!r}: {what} {shorten(value)!r} is not a finite number "
             f"(expected {_LORA_FORM}, e.g. <lora:name:0.8>)",
             text,
             position,
@@ -164,7 +205,7 @@ def _strict_int(value: str, position: int, tag: str, text: str) -> int:
         return int(value)
     except ValueError as e:
         raise PromptSyntaxError(
-            f"LoRA tag {tag!r}: dyn {value!r} is not an integer (expected {_LORA_FORM})",
+            f"LoRA tag {tag!r}: dyn {shorten(value)!r} is not an integer (expected {_LORA_FORM})",
             text,
             position,
         ) from e
