@@ -5,23 +5,16 @@ from __future__ import annotations
 import sys
 
 
-def read_prompt_argument(value: str, option: str = "PROMPT") -> str:
-    """The prompt as given, or standard input for ``-`` (trailing newlines removed).
+def read_prompt_argument(value: str) -> str:
+    """The prompt argument, or standard input for ``-`` (trailing newlines removed).
 
-    Raises:
-        CommandError: ``-`` with standard input not valid UTF-8.
+    Standard input is read as bytes and decoded as UTF-8 with ``surrogateescape``, as
+    command-line arguments are, so that a stray byte reaches the prompt check
+    (``sdstack.prompt.errors.check_text``), which names it and its position.
     """
     if value != "-":
         return value
-    from sdstack.cli import CommandError
-
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
-    if isinstance(data, str):
-        return data.rstrip("\r\n")
-    try:
-        return data.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as error:
-        raise CommandError(
-            f"{option} from standard input is not valid UTF-8 (byte {error.start}); save "
-            "the prompt as UTF-8"
-        ) from None
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (e.g. io.StringIO)
+        return sys.stdin.read().rstrip("\r\n")
+    return buffer.read().decode("utf-8", "surrogateescape").rstrip("\r\n")

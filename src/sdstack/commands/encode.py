@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -157,17 +156,19 @@ def write_conditioning(out: Path, tensors: dict[str, Any], metadata: dict[str, s
     """
     from safetensors.torch import save_file
 
-    from sdstack.atomic_files import temporary_file
+    from sdstack.atomic_files import publish_new, temporary_file
     from sdstack.cli import CommandError
 
+    exists = CommandError(f"--out {str(out)!r} already exists; choose a new file name")
     if out.exists():
-        raise CommandError(f"--out {str(out)!r} already exists; choose a new file name")
+        raise exists
     with temporary_file(out.parent, suffix=".safetensors") as temporary:
         contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
         save_file(contiguous, str(temporary), metadata=metadata)
-        if out.exists():
-            raise CommandError(f"--out {str(out)!r} already exists; choose a new file name")
-        os.replace(temporary, out)
+        try:
+            publish_new(temporary, out)  # claimed atomically: a racing writer loses
+        except FileExistsError:
+            raise exists from None
 
 
 def encoded_texts(prompt: str, negative: str, steps: int) -> tuple[str, str]:
@@ -233,7 +234,7 @@ def run_encode(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdstack.cli import CommandError
-    from sdstack.commands.prompt import read_prompt
+    from sdstack.commands.arguments import read_prompt_argument
     from sdstack.prompt import load_tokenizer
     from sdstack.text import EmbeddingLibrary, PromptEncoder
     from sdstack.text.emphasis import check_emphasis
@@ -246,7 +247,7 @@ def run_encode(args: argparse.Namespace) -> int:
     emphasis = check_emphasis(args.emphasis)
     clip_skip = int(args.clip_skip) if float(args.clip_skip).is_integer() else args.clip_skip
     check_int("--steps", args.steps, 1, MAX_STEPS)
-    prompt = read_prompt(args.prompt)
+    prompt = read_prompt_argument(args.prompt)
     text, negative_text = encoded_texts(prompt, args.negative, args.steps)
     with tqdm(total=3, desc="encode", unit="step", file=sys.stderr) as progress:
         # 2. Load the text encoder (and embeddings).

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from sdstack.commands.arguments import read_prompt_argument
 from sdstack.prompt.inspect_report import REPORT_SHAPE
 from sdstack.prompt.limits import MAX_STEPS
 
@@ -70,21 +70,6 @@ def _print_group_help(group: argparse.ArgumentParser) -> int:
     return 2
 
 
-def read_prompt(value: str) -> str:
-    """The prompt argument, or stdin for ``-`` (trailing newlines removed).
-
-    Stdin is read as bytes and decoded as UTF-8 with ``surrogateescape``, as command-line
-    arguments are, so that a stray byte reaches the prompt check
-    (``sdstack.prompt.errors.check_text``), which names it and its position.
-    """
-    if value != "-":
-        return value
-    buffer = getattr(sys.stdin, "buffer", None)
-    if buffer is None:  # a text stream without bytes underneath (e.g. io.StringIO)
-        return sys.stdin.read().rstrip("\r\n")
-    return buffer.read().decode("utf-8", "surrogateescape").rstrip("\r\n")
-
-
 def inspect_command(args: argparse.Namespace) -> int:
     """Handler of ``sdstack prompt inspect``."""
     from sdstack.cli import CommandError
@@ -95,7 +80,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     check_int("--steps", args.steps, 1, MAX_STEPS)
     if not 0 <= args.comma_backtrack <= 74:
         raise CommandError(f"--comma-backtrack must be in 0..74, got {args.comma_backtrack}")
-    prompt = read_prompt(args.prompt)
+    prompt = read_prompt_argument(args.prompt)
     report = inspect_prompt(
         prompt, load_tokenizer(), steps=args.steps, comma_backtrack=args.comma_backtrack
     )

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from sdstack.generate.params import GenerationParams, check_inputs
+from sdstack.prompt.plan import reject_network_tags
 
 HONOURED_FIELDS = frozenset(
     {
@@ -49,24 +50,6 @@ FIELD_NOTES = {
     "Hires upscale": "hires fix is not supported",
     "Lora hashes": "LoRAs are not applied yet",
 }
-
-
-def reject_network_tags(prompt: str) -> None:
-    """Extra-network tags (``<lora:name:1>``) are not applied yet: refuse, naming the tag.
-
-    Raises:
-        GenerationParamsError: the prompt holds a tag.
-    """
-    from sdstack.generate.params import GenerationParamsError
-    from sdstack.prompt import extract_networks
-
-    _text, tags = extract_networks(prompt)
-    if tags:
-        names = ", ".join(f"<{tag.kind}:{tag.name}>" for tag in tags)
-        raise GenerationParamsError(
-            f"prompt contains extra-network tag(s) {names}: LoRA/extra networks are not "
-            "supported yet; remove the tag(s) from the prompt"
-        )
 
 
 @dataclass

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdstack.generate.samplers import resolve_sampler
+from sdstack.prompt.errors import check_text
+from sdstack.prompt.limits import MAX_STEPS
 from sdstack.validate import (
     SettingError,
     check_bool,
@@ -23,7 +25,6 @@ model was trained at 512x512; larger jobs take hours on a CPU and tens of GB."""
 MAX_CFG = 100.0
 """CFG scale range [0, 100] (the reference slider goes to 30)."""
 MAX_BATCH_COUNT = 10_000
-MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
 MAX_SEED = 2**32 - 1
 
@@ -140,11 +141,14 @@ def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) 
 
     Raises:
         GenerationParamsError / SettingError: a value out of range or of the wrong type.
+        PromptEncodingError: a prompt that is not valid UTF-8.
         UnknownSamplerError: unknown sampler or schedule type (with suggestions).
     """
     names = {**FIELD_NAMES, **(names or {})}
     if not isinstance(params.prompt, str) or not isinstance(params.negative, str):
         raise GenerationParamsError("prompt and negative must be strings")
+    check_text(params.prompt)
+    check_text(params.negative, "negative prompt")
     check_int(names["steps"], params.steps, 1, MAX_STEPS)
     check_number(names["cfg_scale"], params.cfg_scale, 0.0, MAX_CFG)
     resolve_sampler(params.sampler, params.schedule_type)

@@ -25,7 +25,7 @@ import torch
 from sdstack.generate.denoise import GuidedDenoiser, run_denoising
 from sdstack.generate.hooks import StepCallback, StepRecord, UNetHook
 from sdstack.generate.infotext import build_infotext, generation_fields
-from sdstack.generate.job import GenerationJob, reject_network_tags
+from sdstack.generate.job import GenerationJob
 from sdstack.generate.latents import (
     decode_latents,
     encode_init_image,
@@ -34,6 +34,7 @@ from sdstack.generate.latents import (
 )
 from sdstack.generate.params import MAX_SEED, GenerationParams, check_inputs
 from sdstack.generate.samplers import SamplerSpec, make_scheduler, resolve_sampler
+from sdstack.prompt.plan import reject_network_tags
 from sdstack.validate import check_emphasis
 
 __all__ = [
@@ -209,6 +210,11 @@ def sample(
     noises, generators = zip(*(image_noise(seed, shape) for seed in seeds), strict=True)
     noise = torch.cat(noises).to(unet.device)
     scheduler = make_scheduler(prepared.spec, prepared.schedule_type, components.scheduler_config)
+    if hasattr(scheduler, "noise_sampler_seed"):
+        # DPM++ SDE: one Brownian tree per image from its own seed, as the reference's
+        # BrownianTreeNoiseSampler(seed=seeds); diffusers' default draws one tree for the
+        # batch from the global RNG, so no image would be reproducible.
+        scheduler.noise_sampler_seed = list(seeds)
     timesteps = _timesteps(scheduler, params.steps, prepared.start, unet.device)
     if prepared.init_latents is None:
         latents = noise * scheduler.init_noise_sigma

@@ -11,7 +11,7 @@ interval names one text per part.
 
 from __future__ import annotations
 
-from sdstack.prompt import extract_networks, prompt_schedule, split_and
+from sdstack.prompt import extract_networks, split_and
 from sdstack.validate import SettingError
 
 SchedulePlan = list[tuple[int, list[tuple[str, float]]]]
@@ -51,12 +51,15 @@ def part_schedules(
     text encoder; parts with the same text share that call.
 
     Raises:
-        ValueError: ``steps`` not a positive integer.
+        SettingError: ``steps`` not a positive integer.
         PromptSyntaxError: an invalid emphasis or AND weight in the prompt.
+        PromptLimitError: the prompt expands past the limits of ``sdstack.prompt.limits``.
     """
+    from sdstack.prompt.plan import plan_prompt
+
     check_steps(steps)
-    parts = prompt_parts(prompt, split=split_and)
-    return [(text, weight, prompt_schedule(text, steps)) for text, weight in parts]
+    plan = plan_prompt(prompt, steps, negative=not split_and)  # whole-prompt limits first
+    return [(part.text, part.weight, part.schedule) for part in plan.parts]
 
 
 def merge_schedules(parts: list[tuple[str, float, list[tuple[int, str]]]]) -> SchedulePlan:
