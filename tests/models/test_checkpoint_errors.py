@@ -204,15 +204,20 @@ def test_pickle_with_custom_class_is_refused_not_executed(tmp_path):
     with pytest.raises(
         CheckpointError,
         match=(
-            r"evil\.ckpt: refused to load this pickle checkpoint: it needs more than tensors to "
-            r"unpickle \(Unsupported global: GLOBAL "
-            r"tests\.models\.test_checkpoint_errors\.Payload\)"
+            r"evil\.ckpt: refused to load this pickle checkpoint: the weights-only unpickler "
+            r"refuses to call tests\.models\.test_checkpoint_errors\.Payload \(a weights-only "
+            r"load rebuilds only tensors and plain containers and never runs code from the "
+            r"file\); use a \.safetensors version of the model"
         ),
     ):
         load_model(path)
     touch = tmp_path / "touch.ckpt"
     torch.save({"state_dict": sd1_like(), "x": Touch(marker)}, touch)
-    with pytest.raises(CheckpointError, match=r"refused to load this pickle checkpoint"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"refused to load this pickle checkpoint: the weights-only unpickler refuses to "
+        r"call builtins\.getattr ",
+    ):
         load_model(touch)
     assert not marker.exists()
 
@@ -258,3 +263,72 @@ def test_diffusers_folder_of_another_architecture(tmp_path, config, kind):
     expected = rf"cannot load as an SD1\.x model: this looks like {kind}"
     with pytest.raises(CheckpointError, match=expected):
         load_model(tmp_path)
+
+
+def test_tiny_checkpoint_against_the_packaged_configs_suggests_config_dir(
+    tiny_components, tmp_path
+):
+    from sdstack.models.detect import CONFIG_DIR_HINT
+    from sdstack.models.ldm_keys import save_single_file
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_single_file(tiny_components, checkpoint)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(checkpoint)
+    assert str(caught.value) == (
+        f"{checkpoint}: cannot load as an SD1.x model: this looks like an unknown UNet "
+        "(context width 32, the config has 768); expected an SD1.x text-to-image checkpoint; "
+        f"{CONFIG_DIR_HINT}"
+    )
+    assert CONFIG_DIR_HINT.endswith("config_dir= (--config-dir on the command line)")
+
+
+def test_shapes_that_differ_from_config_dir_are_named_before_any_tensor_is_read(
+    tiny_components, tmp_path, monkeypatch
+):
+    from sdstack.models import single_file
+    from sdstack.models.ldm_keys import save_single_file
+    from sdstack.models.tiny import TINY_UNET_CONFIG
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_single_file(tiny_components, checkpoint)
+    tiny_components.vae.save_config(tmp_path / "config" / "vae")
+    tiny_components.text_encoder.config.save_pretrained(tmp_path / "config" / "text_encoder")
+    wider = dict(TINY_UNET_CONFIG, block_out_channels=[32, 96])
+    (tmp_path / "config" / "unet").mkdir()
+    (tmp_path / "config" / "unet" / "config.json").write_text(json.dumps(wider))
+
+    def no_read(self, key):
+        raise AssertionError(f"{key} was read before the shapes were checked")
+
+    monkeypatch.setattr(single_file.SafetensorsFile, "tensor", no_read)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(checkpoint, config_dir=tmp_path / "config")
+    message = str(caught.value)
+    assert message.startswith(
+        f"{checkpoint}: the UNet tensors do not fit the {tmp_path / 'config'} (config_dir) UNet "
+        "config: 238 shapes differ (file vs config: down_blocks.1.attentions.0.norm.weight [64] "
+        "vs [96], down_blocks.1.attentions.0.norm.bias [64] vs [96], "
+    )
+    assert message.endswith(" and 233 more)")
+
+
+def test_key_lists_in_messages_are_capped():
+    from sdstack.models.assemble import Fit, check_fit
+
+    expected = {f"k{i:02d}": (4,) for i in range(30)}
+    with pytest.raises(CheckpointError) as caught:
+        check_fit(Path("m.safetensors"), "UNet", {k: (5,) for k in expected}, Fit(expected))
+    assert str(caught.value) == (
+        "m.safetensors: the UNet tensors do not fit the SD1.x UNet config: 30 shapes differ "
+        "(file vs config: k00 [5] vs [4], k01 [5] vs [4], k02 [5] vs [4], k03 [5] vs [4], "
+        "k04 [5] vs [4] and 25 more)"
+    )
+    found = {f"extra{i:02d}": (4,) for i in range(30)}
+    with pytest.raises(CheckpointError) as caught:
+        check_fit(Path("m.safetensors"), "VAE", found, Fit({}, "packaged SD1.5", "a hint"))
+    names = ", ".join(f"extra{i:02d}" for i in range(10))
+    assert str(caught.value) == (
+        "m.safetensors: the VAE tensors do not fit the packaged SD1.5 VAE config: 30 tensors "
+        f"the config does not have ({names} and 20 more); a hint"
+    )

@@ -138,7 +138,11 @@ def test_unrecognised_layouts(tmp_path, content, message):
 def test_malicious_pickle_is_refused_not_run(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"string_to_param": {"*": Payload()}}, path)
-    message = r"evil\.pt: refused to unpickle: the file needs the Python object posix\.getcwd"
+    message = (
+        r"evil\.pt: refused to unpickle: the weights-only unpickler refuses to call "
+        r"posix\.getcwd \(nothing from the file was run; an embedding holds only tensors\); "
+        r"re-save it as \.safetensors from a trusted source$"
+    )
     with pytest.raises(EmbeddingError, match=message):
         load_embedding_file(path)
 
@@ -238,3 +242,27 @@ def test_library_constructor_refuses_duplicates():
     with pytest.raises(EmbeddingError, match=r"duplicate embedding name 'a'"):
         EmbeddingLibrary([first, Embedding("a", vectors(2))])
     assert EmbeddingLibrary([first]).vector_counts() == {"a": 1}
+
+
+def test_original_parameter_dict_in_the_legacy_format(tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) of an nn.ParameterDict: the
+    module's class comes as a 'module' persistent id; still read as its parameters."""
+    expected = vectors(2, seed=9)
+    path = tmp_path / "old.pt"
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(expected)})
+    torch.save({"string_to_param": params}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_embedding_file(path, width=WIDTH).vectors, expected)
+
+
+def test_folder_warnings_are_sdstack_warnings(tmp_path):
+    from sdstack.errors import SdstackWarning
+
+    root = tmp_path / "emb"
+    root.mkdir()
+    (root / "bad.pt").write_bytes(b"\x80\x02]q\x00.")  # a pickle of [], not an embedding
+    with pytest.warns(SdstackWarning) as caught:
+        EmbeddingLibrary.from_dir(root)
+    assert [str(w.message) for w in caught] == [
+        f"skipped embedding {root / 'bad.pt'}: not a readable torch file (a pickle without "
+        "torch's magic number: not a torch.save file)"
+    ]

@@ -10,14 +10,14 @@ one tensor at a time, so a full-precision copy of the whole model never exists t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from sdstack.models.detect import CheckpointError, missing_keys_error
+from sdstack.models.detect import CheckpointError, missing_keys_error, name_list
 from sdstack.models.ldm_keys import KeyRow
 from sdstack.models.single_file import TensorFile
 
@@ -74,17 +74,48 @@ def read_json(path: Path) -> dict[str, Any]:
     """A JSON object file; ``CheckpointError`` naming the file when it is not one."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: unreadable config file: {error}") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"{path}: unreadable config file: {error!s:.200}") from error
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: config must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def build_meta(cls: Any, config: Mapping[str, Any]) -> Any:
-    """``cls.from_config(config)`` with every parameter on the meta device (no storage)."""
-    with torch.device("meta"):
-        return cls.from_config(dict(config))
+MAX_CONFIG_COUNT = 64
+"""Largest layer count or list length a config may hold (SD1.x has 2 and 4): a bigger
+one would build thousands of modules before any weight is checked."""
+COUNT_KEYS = ("layers_per_block", "transformer_layers_per_block", "num_hidden_layers")
+
+
+def check_config_counts(config: Mapping[str, Any], source: object) -> None:
+    """Refuse a config whose layer counts or lists exceed ``MAX_CONFIG_COUNT``."""
+    for key, value in config.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        too_long = isinstance(value, (list, tuple)) and len(value) > MAX_CONFIG_COUNT
+        counts = [v for v in values if key in COUNT_KEYS and isinstance(v, int)]
+        if too_long or any(v > MAX_CONFIG_COUNT for v in counts):
+            shown = f"a list of {len(value)}" if too_long else f"{max(counts)}"
+            raise CheckpointError(
+                f"{source}: config {key!r:.60} is {shown}; at most {MAX_CONFIG_COUNT} is "
+                "accepted (SD1.x models have 2 to 12)"
+            )
+
+
+def build_meta(cls: Any, config: Mapping[str, Any], source: object = "config") -> Any:
+    """``cls.from_config(config)`` with every parameter on the meta device (no storage).
+
+    Raises:
+        CheckpointError: naming ``source``, for counts beyond ``MAX_CONFIG_COUNT`` or
+            values diffusers cannot build from.
+    """
+    check_config_counts(config, source)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(dict(config))
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{source}: not a valid {cls.__name__} config: {error!s:.200}"
+        ) from error
 
 
 def prepare_tensor(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -95,6 +126,81 @@ def prepare_tensor(tensor: torch.Tensor, dtype: torch.dtype, device: torch.devic
     return tensor.to(device=device, dtype=wanted)
 
 
+def prepare_weight(
+    tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, path: Path, key: str
+) -> torch.Tensor:
+    """``prepare_tensor`` for a network weight, which must be floating point (an integer,
+    bool or complex tensor in its place would only fail later, inside the network).
+
+    Raises:
+        CheckpointError: naming the file, the key and the dtype found, or a dtype torch
+            cannot convert (float4).
+    """
+    if not tensor.is_floating_point():
+        raise CheckpointError(
+            f"{path}: tensor {key!r:.100} is {tensor.dtype}, expected a floating-point weight"
+        )
+    try:
+        return prepare_tensor(tensor, dtype, device)
+    except (RuntimeError, NotImplementedError, TypeError) as error:  # float4: no conversion
+        raise CheckpointError(
+            f"{path}: tensor {key!r:.100} cannot be converted from {tensor.dtype} to {dtype}: "
+            f"{error!s:.100}"
+        ) from error
+
+
+def expected_shapes(module: Any) -> dict[str, tuple[int, ...]]:
+    """Each state-dict key of a (meta-built) module -> the shape its config gives it."""
+    return {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
+
+
+class Fit(NamedTuple):
+    """What a file's tensors must fit: ``expected_shapes`` of a meta-built module, the name
+    of its config for messages (``"packaged SD1.5"``), and a hint saying what to do."""
+
+    expected: Mapping[str, Sequence[int]]
+    config: str = "SD1.x"
+    hint: str | None = None
+
+
+def check_fit(path: Path, part: str, found: Mapping[str, Sequence[int]], fit: Fit) -> None:
+    """Refuse tensors whose shapes (read from the file's header, before any tensor is read
+    or converted) differ from ``fit.expected``, keys it does not have, or keys missing;
+    names up to 10 (5 shapes).
+
+    Raises:
+        CheckpointError: naming the file, the part, the differing keys, then ``fit.hint``.
+    """
+    expected, config, hint = fit
+    unexpected = sorted(key for key in found if key not in expected)
+    missing = sorted(key for key in expected if key not in found)
+    differ = [
+        f"{key[:80]} {list(shape)} vs {list(expected[key])}"
+        for key, shape in found.items()
+        if key in expected and tuple(shape) != tuple(expected[key])
+    ]
+    if differ:
+        shown = name_list(differ, 5, None)
+        what = f"{len(differ)} shapes differ (file vs config: {shown})"
+    elif unexpected:
+        what = f"{len(unexpected)} tensors the config does not have ({name_list(unexpected)})"
+    elif missing:
+        what = f"{len(missing)} tensors missing ({name_list(missing)})"
+    else:
+        return
+    raise CheckpointError(
+        f"{path}: the {part} tensors do not fit the {config} {part} config: {what}"
+        f"{f'; {hint}' if hint else ''}"
+    )
+
+
+def _file_shape(shape: Sequence[int], conv1x1: bool) -> tuple[int, ...]:
+    """A shape as the diffusers module holds it (1x1 conv ``[C, C, 1, 1]`` -> ``[C, C]``)."""
+    if conv1x1 and len(shape) == 4 and tuple(shape[2:]) == (1, 1):
+        return tuple(shape[:2])
+    return tuple(shape)
+
+
 def read_mapped(
     source: TensorFile,
     prefix: str,
@@ -102,23 +208,37 @@ def read_mapped(
     dtype: torch.dtype,
     device: torch.device,
     part: str,
+    *,
+    fit: Fit | None = None,
+    on_tensor: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diffusers-named tensors for ``rows`` from LDM keys ``prefix + row.ldm`` in ``source``.
 
-    1x1-conv attention weights (``row.conv1x1``) are squeezed to linear ``[C, C]``.
+    1x1-conv attention weights (``row.conv1x1``) are squeezed to linear ``[C, C]``. With
+    ``fit``, every shape is checked (``check_fit``) before any tensor is read or
+    converted. ``on_tensor()`` is called after each tensor.
 
     Raises:
-        CheckpointError: some LDM keys are absent (a few are named).
+        CheckpointError: some LDM keys are absent, or shapes do not fit (a few are named,
+            then ``fit.hint``).
     """
     missing = [prefix + row.ldm for row in rows if prefix + row.ldm not in source]
     if missing:
-        raise missing_keys_error(source.path, part, missing)
+        hint = None if fit is None else fit.hint
+        raise missing_keys_error(source.path, part, missing, hint, len(rows) - len(missing))
+    if fit is not None:
+        found = {row.diffusers: _file_shape(source[prefix + row.ldm], row.conv1x1) for row in rows}
+        check_fit(source.path, part, found, fit)
     tensors = {}
     for row in rows:
         tensor = source.tensor(prefix + row.ldm)
         if row.conv1x1 and tensor.ndim == 4:
             tensor = tensor[:, :, 0, 0]
-        tensors[row.diffusers] = prepare_tensor(tensor, dtype, device)
+        tensors[row.diffusers] = prepare_weight(
+            tensor, dtype, device, source.path, prefix + row.ldm
+        )
+        if on_tensor is not None:
+            on_tensor()
     return tensors
 
 

@@ -36,8 +36,21 @@ LORA_MARKERS = (
 )
 
 
+CONFIG_DIR_HINT = (
+    "if this is an SD1.x-family model with non-standard sizes, give its diffusers configs "
+    "with config_dir= (--config-dir on the command line)"
+)
+"""Said when a single file does not fit the packaged SD1.5 configs."""
+
+
 class CheckpointError(SdstackError):
     """A model file that sdstack cannot load as SD1.x: what it is and what was expected."""
+
+
+def name_list(names: Sequence[str], limit: int = 10, width: int | None = 80) -> str:
+    """At most ``limit`` names (each cut to ``width`` characters), then ``and N more``."""
+    shown = ", ".join(name[:width] for name in names[:limit])
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
 
 
 def _context_width(shapes: Mapping[str, Sequence[int]]) -> int | None:
@@ -71,7 +84,7 @@ def _not_a_model(keys: Sequence[str]) -> str:
         return "a diffusers-format UNet file; load the whole diffusers folder instead"
     if any(key.startswith("text_model.") for key in keys):
         return "a CLIP text-encoder-only file"
-    shown = ", ".join(sorted(keys)[:4]) or "no tensors at all"
+    shown = name_list(sorted(keys), 4) or "no tensors at all"
     return f"not a recognised model (first keys: {shown})"
 
 
@@ -107,23 +120,36 @@ def detect_kind(shapes: Mapping[str, Sequence[int]], context_width: int = SD1_CO
 
 
 def check_sd1(
-    path: object, shapes: Mapping[str, Sequence[int]], context_width: int = SD1_CONTEXT_WIDTH
+    path: object,
+    shapes: Mapping[str, Sequence[int]],
+    context_width: int = SD1_CONTEXT_WIDTH,
+    hint: str | None = None,
 ) -> None:
-    """Raise ``CheckpointError`` unless ``shapes`` look like an SD1.x text-to-image model."""
+    """Raise ``CheckpointError`` unless ``shapes`` look like an SD1.x text-to-image model.
+
+    ``hint`` is added when the file is a UNet of other sizes (context width or input
+    channels the config does not have), e.g. ``CONFIG_DIR_HINT``.
+    """
     kind = detect_kind(shapes, context_width)
     if kind != SD1:
+        extra = f"; {hint}" if hint and kind.startswith("an unknown UNet") else ""
         raise CheckpointError(
             f"{path}: cannot load as an SD1.x model: this looks like {kind}; "
-            "expected an SD1.x text-to-image checkpoint"
+            f"expected an SD1.x text-to-image checkpoint{extra}"
         )
 
 
-def missing_keys_error(path: object, part: str, missing: Sequence[str]) -> CheckpointError:
-    """The error for an SD1.x checkpoint whose ``part`` lacks tensors (names a few)."""
-    shown = ", ".join(missing[:3])
-    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-    hint = "; give a separate VAE file with vae=" if part == "VAE" else ""
+def missing_keys_error(
+    path: object, part: str, missing: Sequence[str], hint: str | None = None, found: int = 1
+) -> CheckpointError:
+    """The error for an SD1.x checkpoint whose ``part`` lacks tensors (names up to 10).
+
+    ``found``: how many of the part's tensors the file does have. A VAE with none of them
+    suggests a separate VAE file; otherwise ``hint`` (e.g. ``CONFIG_DIR_HINT``) is added.
+    """
+    if part == "VAE" and found == 0:
+        hint = "give a separate VAE file with vae= (--vae on the command line)"
     return CheckpointError(
         f"{path}: SD1.x checkpoint with an incomplete {part}: {len(missing)} tensors "
-        f"missing ({shown}{more}){hint}"
+        f"missing ({name_list(missing)}){f'; {hint}' if hint else ''}"
     )

@@ -71,17 +71,58 @@ class ShardedFile(TensorFile):
             shard.close()
 
 
-def open_weights_in(folder: Path, names: tuple[str, ...]) -> TensorFile | None:
-    """The weights in one component folder: its sharded ``*.safetensors.index.json``, else
-    the first of ``names`` that exists; ``None`` when there is neither.
+def shard_files(index: Path) -> list[Path]:
+    """The files a shard index's ``weight_map`` names, each checked to lie in its folder.
+
+    A name must be relative, without ``..``, and must resolve (symlinks followed) to an
+    existing file inside the index's folder: an index names its neighbours, never a file
+    elsewhere on the machine.
 
     Raises:
-        CheckpointError: a corrupt/truncated weight file or a refused pickle.
+        CheckpointError: no ``weight_map`` object of strings, a name outside the folder
+            (absolute, ``..``, a symlink out), or a shard that does not exist.
+    """
+    folder = index.parent
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index}: corrupt shard index: expected a 'weight_map' object of tensor name -> "
+            "shard file name"
+        )
+    root = folder.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        try:
+            candidate = folder / name
+            inside = not Path(name).is_absolute() and ".." not in Path(name).parts
+            inside = inside and candidate.resolve().is_relative_to(root)
+            exists = candidate.is_file()
+        except (OSError, ValueError, RuntimeError):  # NUL bytes, symlink loops
+            inside = exists = False
+        if not inside:
+            raise CheckpointError(
+                f"{index}: shard index names {name!r:.120}, which is outside {folder}; a "
+                "shard index may only name files in its own folder"
+            )
+        if not exists:
+            raise CheckpointError(
+                f"{index}: shard index names {name!r:.120}, which does not exist in {folder}"
+            )
+        shards.append(candidate)
+    return shards
+
+
+def open_weights_in(folder: Path, names: tuple[str, ...]) -> TensorFile | None:
+    """The weights in one component folder: its sharded ``*.safetensors.index.json`` (shards
+    checked by ``shard_files``), else the first of ``names`` that exists; ``None`` when
+    there is neither.
+
+    Raises:
+        CheckpointError: a bad shard index, a corrupt/truncated weight file or a refused
+            pickle.
     """
     for index in sorted(folder.glob("*.safetensors.index.json")):
-        weight_map = read_json(index).get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
-        return ShardedFile(index, [open_tensor_file(folder / name) for name in shards])
+        return ShardedFile(index, [open_tensor_file(shard) for shard in shard_files(index)])
     for name in names:
         if (folder / name).is_file():
             return open_tensor_file(folder / name)

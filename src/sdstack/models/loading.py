@@ -3,11 +3,14 @@
 Single files (``.safetensors``, or ``.ckpt``/``.pt`` through a weights-only unpickler) hold
 the original LDM layout; ``ldm_keys`` maps it to diffusers' module names. Each network is
 built on the meta device from its config (the packaged SD1.5 configs, or those in
-``config_dir``) and receives the file's tensors by assignment (``assemble``).
+``config_dir``) and receives the file's tensors by assignment (``assemble``); every shape is
+checked against the config before any tensor is converted. ``progress(done,
+total)`` counts the tensors handed to the three networks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,17 +18,20 @@ from typing import Any
 import torch
 
 from sdstack.models.assemble import (
+    Fit,
     assign_tensors,
     build_meta,
+    check_fit,
+    expected_shapes,
     packaged_config,
-    prepare_tensor,
+    prepare_weight,
     read_json,
     read_mapped,
     resolve_device,
     resolve_dtype,
 )
 from sdstack.models.components import ModelComponents
-from sdstack.models.detect import CheckpointError, check_sd1
+from sdstack.models.detect import CONFIG_DIR_HINT, CheckpointError, check_sd1
 from sdstack.models.diffusers_folder import (
     check_sd1_unet_config,
     component_config,
@@ -37,15 +43,46 @@ from sdstack.models.ldm_keys import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, unet_k
 from sdstack.models.single_file import TensorFile, open_tensor_file
 from sdstack.models.vae_file import fill_vae, load_vae_weights
 
+ProgressCallback = Callable[[int, int], None]
+"""``progress(done, total)``: tensors handed to the networks so far, out of all of them."""
+
 
 @dataclass
 class ModelConfigs:
-    """The diffusers configs the networks are built from (``text`` None = packaged SD1.x)."""
+    """The diffusers configs the networks are built from (``text`` None = packaged SD1.x).
+
+    ``origin`` names them in messages; ``hint`` says what to do when a file does not fit.
+    """
 
     unet: dict[str, Any]
     vae: dict[str, Any]
     text: dict[str, Any] | None
     scheduler: dict[str, Any]
+    origin: str = "packaged SD1.5"
+    hint: str | None = CONFIG_DIR_HINT
+
+
+class _Progress:
+    """Calls ``progress(done, total)`` once at 0, then after every tensor (``step``)."""
+
+    def __init__(self, progress: ProgressCallback, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+        progress(0, total)
+
+    def step(self) -> None:
+        if self.done < self.total:
+            self.done += 1
+            self.progress(self.done, self.total)
+
+
+def _counter(progress: ProgressCallback | None, total: int) -> Callable[[], None] | None:
+    """``on_tensor`` for the readers: None (no overhead) without a ``progress``."""
+    return None if progress is None else _Progress(progress, total).step
+
+
+def _text_count(keys: Iterable[str]) -> int:
+    """Tensors ``build_text_encoder`` will install (``position_ids`` are rebuilt)."""
+    return sum(not key.endswith("position_ids") for key in keys)
 
 
 def model_configs(config_dir: str | Path | None) -> ModelConfigs:
@@ -66,6 +103,7 @@ def model_configs(config_dir: str | Path | None) -> ModelConfigs:
     folder = Path(config_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"config_dir: folder not found: {folder}")
+    configs.origin, configs.hint = f"{folder} (config_dir)", None
     for part in ("unet", "vae", "text_encoder"):
         path = folder / part / "config.json"
         if path.is_file():
@@ -80,28 +118,44 @@ def _text_encoder(
     config: dict[str, Any] | None,
     dtype: torch.dtype,
     device: torch.device,
+    hint: str | None,
+    on_tensor: Callable[[], None] | None,
 ) -> Any:
     from sdstack.models.text_encoder import build_text_encoder
 
     try:
-        return build_text_encoder(tensors, config=config, dtype=dtype, device=device)
+        return build_text_encoder(
+            tensors, config=config, dtype=dtype, device=device, on_tensor=on_tensor
+        )
     except ValueError as error:
-        raise CheckpointError(f"{path}: text encoder: {error}") from error
+        raise CheckpointError(
+            f"{path}: text encoder: {error}{f'; {hint}' if hint else ''}"
+        ) from error
 
 
 def _vae(
     source: TensorFile,
+    vae: Any,
     vae_path: Path | None,
     configs: ModelConfigs,
     dtype: torch.dtype,
     device: torch.device,
+    on_tensor: Callable[[], None] | None,
 ) -> Any:
-    from diffusers import AutoencoderKL
-
-    vae = build_meta(AutoencoderKL, configs.vae)
     if vae_path is not None:
-        return load_vae_weights(vae_path, vae, dtype, device)
-    tensors = read_mapped(source, VAE_PREFIX, vae_key_map(vae), dtype, device, "VAE")
+        return load_vae_weights(
+            vae_path,
+            vae,
+            dtype,
+            device,
+            config=configs.origin,
+            hint=configs.hint,
+            on_tensor=on_tensor,
+        )
+    fit = Fit(expected_shapes(vae), configs.origin, configs.hint)
+    tensors = read_mapped(
+        source, VAE_PREFIX, vae_key_map(vae), dtype, device, "VAE", fit=fit, on_tensor=on_tensor
+    )
     return assign_tensors(vae, tensors, source.path, "VAE")
 
 
@@ -111,48 +165,75 @@ def load_single_file(
     configs: ModelConfigs,
     dtype: torch.dtype,
     device: torch.device,
+    progress: ProgressCallback | None = None,
 ) -> tuple[Any, Any, Any]:
     """(unet, vae, text_encoder) from an LDM-layout single-file checkpoint."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     with open_tensor_file(path) as source:
         # 1. Refuse other architectures from key names and shapes alone.
-        check_sd1(path, source, configs.unet.get("cross_attention_dim", 768))
-        # 2. UNet: meta build, LDM -> diffusers names, assign.
-        unet = build_meta(UNet2DConditionModel, configs.unet)
-        tensors = read_mapped(source, UNET_PREFIX, unet_key_map(unet), dtype, device, "UNet")
+        check_sd1(path, source, configs.unet.get("cross_attention_dim", 768), configs.hint)
+        # 2. Build the networks on the meta device; count the tensors they will take.
+        unet = build_meta(UNet2DConditionModel, configs.unet, f"{configs.origin} UNet")
+        vae = build_meta(AutoencoderKL, configs.vae, f"{configs.origin} VAE")
+        unet_rows, vae_rows = unet_key_map(unet), vae_key_map(vae)
+        text_keys = [key for key in source if key.startswith(TEXT_PREFIX)]
+        tick = _counter(progress, len(unet_rows) + len(vae_rows) + _text_count(text_keys))
+        # 3. UNet: shapes checked, LDM -> diffusers names, assign.
+        fit = Fit(expected_shapes(unet), configs.origin, configs.hint)
+        tensors = read_mapped(
+            source, UNET_PREFIX, unet_rows, dtype, device, "UNet", fit=fit, on_tensor=tick
+        )
         unet = assign_tensors(unet, tensors, path, "UNet")
-        # 3. VAE from the checkpoint or the separate file.
-        vae = _vae(source, vae_path, configs, dtype, device)
-        # 4. Text encoder (key layouts handled by build_text_encoder).
-        text = {key: source.tensor(key) for key in source if key.startswith(TEXT_PREFIX)}
-        text_encoder = _text_encoder(text, path, configs.text, dtype, device)
+        # 4. VAE from the checkpoint or the separate file.
+        vae = _vae(source, vae, vae_path, configs, dtype, device, tick)
+        # 5. Text encoder (key layouts handled by build_text_encoder).
+        text = {key: source.tensor(key) for key in text_keys}
+        text_encoder = _text_encoder(text, path, configs.text, dtype, device, configs.hint, tick)
     return unet, vae, text_encoder
 
 
 def load_folder(
-    folder: Path, vae_path: Path | None, dtype: torch.dtype, device: torch.device
+    folder: Path,
+    vae_path: Path | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: ProgressCallback | None = None,
 ) -> tuple[Any, Any, Any]:
     """(unet, vae, text_encoder) from a diffusers-layout folder (its own configs)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet_config = component_config(folder, "unet")
     check_sd1_unet_config(folder, unet_config)
-    unet = build_meta(UNet2DConditionModel, unet_config)
-    with open_component_weights(folder, "unet") as source:
-        tensors = {key: prepare_tensor(source.tensor(key), dtype, device) for key in source}
-    unet = assign_tensors(unet, tensors, source.path, "UNet")
-    vae = build_meta(AutoencoderKL, component_config(folder, "vae"))
-    if vae_path is not None:
-        vae = load_vae_weights(vae_path, vae, dtype, device)
-    else:
-        with open_component_weights(folder, "vae") as source:
-            vae = fill_vae(source, vae, dtype, device)
-    with open_component_weights(folder, "text_encoder") as source:
-        text = {key: source.tensor(key) for key in source}
-    text_encoder = _text_encoder(
-        text, source.path, component_config(folder, "text_encoder"), dtype, device
-    )
+    unet = build_meta(UNet2DConditionModel, unet_config, folder / "unet" / "config.json")
+    vae_config = component_config(folder, "vae")
+    vae = build_meta(AutoencoderKL, vae_config, folder / "vae" / "config.json")
+    text_config = component_config(folder, "text_encoder")
+    origin, hint = f"{folder}'s", "the folder's config.json files do not match its weights"
+    with (
+        open_component_weights(folder, "unet") as unet_source,
+        open_component_weights(folder, "text_encoder") as text_source,
+    ):
+        vae_count = len(expected_shapes(vae))
+        tick = _counter(progress, len(unet_source) + vae_count + _text_count(text_source))
+        # 1. UNet: shapes checked against the folder's config before any tensor is read.
+        check_fit(unet_source.path, "UNet", unet_source, Fit(expected_shapes(unet), origin, hint))
+        tensors = {}
+        for key in unet_source:
+            tensor = unet_source.tensor(key)
+            tensors[key] = prepare_weight(tensor, dtype, device, unet_source.path, key)
+            if tick is not None:
+                tick()
+        unet = assign_tensors(unet, tensors, unet_source.path, "UNet")
+        # 2. VAE: the separate file or the folder's.
+        if vae_path is not None:
+            vae = load_vae_weights(vae_path, vae, dtype, device, config=origin, on_tensor=tick)
+        else:
+            with open_component_weights(folder, "vae") as source:
+                vae = fill_vae(source, vae, dtype, device, config=origin, hint=hint, on_tensor=tick)
+        # 3. Text encoder.
+        text = {key: text_source.tensor(key) for key in text_source}
+        text_encoder = _text_encoder(text, text_source.path, text_config, dtype, device, None, tick)
     return unet, vae, text_encoder
 
 
@@ -163,6 +244,7 @@ def load_model(
     dtype: str | torch.dtype = "fp32",
     device: str | torch.device = "cpu",
     config_dir: str | Path | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ModelComponents:
     """Load an SD1.x model the way the reference UI does: single file or diffusers folder.
 
@@ -176,6 +258,10 @@ def load_model(
         config_dir: a diffusers-layout folder whose ``unet``/``vae``/``text_encoder``
             ``config.json`` (and ``scheduler/scheduler_config.json``) replace the packaged
             SD1.5 configs for a single-file checkpoint.
+        progress: called as ``progress(done, total)`` in tensors: once with ``done = 0``
+            when the networks are built and the total is known, then after each tensor is
+            handed over (cast and moved when needed), ending at ``done == total``. None
+            (default) costs nothing.
 
     Returns:
         ``ModelComponents`` with ``name`` = the file stem (folder name), ``path``,
@@ -185,7 +271,8 @@ def load_model(
         FileNotFoundError: ``path``, ``vae`` or ``config_dir`` does not exist.
         ValueError: unknown ``dtype`` or unavailable ``device``.
         CheckpointError: not an SD1.x model (says what it looks like), corrupt or
-            truncated file, refused pickle, missing tensors.
+            truncated file, refused pickle, missing tensors, shapes that do not fit the
+            configs (suggesting ``config_dir``).
     """
     from sdstack.prompt.tokenizer import load_tokenizer
 
@@ -207,10 +294,12 @@ def load_model(
                 "unet/config.json); expected a checkpoint file or a diffusers folder"
             )
         configs.scheduler = scheduler_config_of(path) or configs.scheduler
-        unet, vae_model, text_encoder = load_folder(path, vae_path, torch_dtype, torch_device)
+        unet, vae_model, text_encoder = load_folder(
+            path, vae_path, torch_dtype, torch_device, progress
+        )
     else:
         unet, vae_model, text_encoder = load_single_file(
-            path, vae_path, configs, torch_dtype, torch_device
+            path, vae_path, configs, torch_dtype, torch_device, progress
         )
     # 3. Assemble.
     return ModelComponents(

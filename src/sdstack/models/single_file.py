@@ -1,21 +1,21 @@
 """Read tensors from one checkpoint file: ``.safetensors`` (lazy, memory-mapped) or a
 weights-only pickle (``.ckpt``/``.pt``/``.pth``/``.bin``).
 
-``.safetensors``: the header is read and checked first (8-byte little-endian length N, N
-bytes of JSON, data whose declared extent must fit in the file), then tensors come from
-``safetensors.safe_open``, which maps the file: a tensor is a view of the mapping until
-something converts it, so loading in the file's own dtype copies nothing.
+``.safetensors``: the header is checked first, by the safetensors library's own rules
+(``safetensors_header.check_safetensors_layout``: known dtypes, sizes that match the
+offsets, tensors that tile the data exactly up to the end of the file), then tensors come
+from ``safetensors.safe_open``, which maps the file: a tensor is a view of the mapping
+until something converts it, so loading in the file's own dtype copies nothing.
 
-Pickles are loaded with ``torch.load(weights_only=True)`` (memory-mapped when the file is in
-the zip format): only tensors and plain containers can come out, and a pickle that asks for
-anything else (a class, a function) is refused before any of it runs. The ``state_dict``
-wrapper of Lightning ``.ckpt`` files is unwrapped.
+Pickles are read by ``torch_file.load_torch_file``, never ``torch.load``: a weights-only
+unpickler (only tensors and plain containers come out; a pickle that names any other
+global is refused before any of it runs) whose storages are checked against the file
+before anything is allocated, and mapped rather than read for the zip format. The
+``state_dict`` wrapper of Lightning ``.ckpt`` files is unwrapped.
 """
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from sdstack.models.detect import CheckpointError
-from sdstack.models.safetensors_header import SafetensorsHeaderError, read_safetensors_header
+from sdstack.models.safetensors_header import SafetensorsHeaderError, check_safetensors_layout
+from sdstack.models.torch_file import RefusedPickleError, TorchFileError, load_torch_file
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -68,12 +69,22 @@ class SafetensorsFile(TensorFile):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, check_safetensors(path))
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        self._handle = safe_open(str(path), framework="pt", device="cpu")
+        try:
+            self._handle = safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{path}: unreadable safetensors file: {error}") from error
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self._handle.get_tensor(key)
+        from safetensors import SafetensorError
+
+        try:
+            return self._handle.get_tensor(key)
+        except (SafetensorError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"{self.path}: cannot read tensor {key!r:.100}: {error}"
+            ) from error
 
     def close(self) -> None:
         self._handle = None
@@ -115,74 +126,41 @@ def open_tensor_file(path: str | Path) -> TensorFile:
 
 
 def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes from a safetensors header, after checking the file holds all declared data.
+    """Shapes from a safetensors header, after ``check_safetensors_layout``.
 
-    Raises ``CheckpointError`` naming the file for a truncated file (header length or
-    declared data beyond the file's size) or a corrupt header (not JSON, bad entries).
+    Raises ``CheckpointError`` naming the file for a truncated file, a corrupt header (not
+    JSON, bad entries, unknown dtypes, offsets that overlap, leave gaps or disagree with the
+    shape) or bytes after the last tensor.
     """
     try:
-        header, data_start = read_safetensors_header(path)
+        entries, _ = check_safetensors_layout(path)
     except SafetensorsHeaderError as error:
-        raise CheckpointError(f"safetensors file: {error}") from error
-    size = path.stat().st_size
-    shapes: dict[str, tuple[int, ...]] = {}
-    data_end = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            shapes[key] = tuple(int(n) for n in entry["shape"])
-            if not isinstance(entry["dtype"], str):
-                raise TypeError("dtype is not a string")
-        except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(
-                f"{path}: corrupt safetensors header: entry {key!r} is {entry!r:.120}, expected "
-                "{'dtype': str, 'shape': [int...], 'data_offsets': [begin, end]}"
-            ) from error
-        data_end = max(data_end, begin, end)
-    if data_start + data_end > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file: the header declares "
-            f"{data_start + data_end} bytes but the file has {size} "
-            f"({data_start + data_end - size} missing); download it again"
-        )
-    return shapes
-
-
-def _weights_only_refusal(path: Path, error: Exception) -> CheckpointError:
-    lines = [line.strip() for line in str(error).splitlines()]
-    reason = next(
-        (
-            line
-            for line in lines
-            if "Unsupported global" in line or "WeightsUnpickler error" in line
-        ),
-        lines[-1] if lines else "",
-    )
-    reason = reason.split("WeightsUnpickler error:")[-1].split(" was not an allowed global")[0]
-    reason = reason.strip()
-    return CheckpointError(
-        f"{path}: refused to load this pickle checkpoint: it needs more than tensors to "
-        f"unpickle ({reason}). A weights-only load never runs code from the file; "
-        "use a .safetensors version of the model (or convert this file with a tool you trust)"
-    )
+        raise CheckpointError(str(error)) from error
+    return {key: entry.shape for key, entry in entries.items()}
 
 
 def load_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pickle checkpoint via ``torch.load(weights_only=True)``.
+    """The tensors of a pickle checkpoint via ``load_torch_file`` (zip storages mapped).
 
-    Memory-maps zip-format files; unwraps ``state_dict``/``model``/``module`` wrappers;
-    keeps only tensor values (``global_step`` and such are dropped).
+    Unwraps ``state_dict``/``model``/``module`` wrappers; keeps only tensor values
+    (``global_step`` and such are dropped).
+
+    Raises:
+        CheckpointError: a refused pickle (naming the global it wanted), a corrupt or
+            truncated file, storages larger than the file, not a dict of tensors.
     """
-    mmap = zipfile.is_zipfile(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        raise _weights_only_refusal(path, error) from error
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        loaded = load_torch_file(path, mapped=True)
+    except RefusedPickleError as error:
         raise CheckpointError(
-            f"{path}: corrupt or truncated pickle checkpoint: {error}".splitlines()[0]
+            f"{path}: refused to load this pickle checkpoint: {error.reason} (a weights-only "
+            "load rebuilds only tensors and plain containers and never runs code from the "
+            "file); use a .safetensors version of the model (or convert this file with a "
+            "tool you trust)"
+        ) from error
+    except TorchFileError as error:
+        raise CheckpointError(
+            f"{path}: corrupt or truncated pickle checkpoint: {error.reason}"
         ) from error
     return _unwrap(path, loaded)
 
@@ -193,7 +171,7 @@ def _unwrap(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
             break
         wrapper = next((key for key in WRAPPER_KEYS if isinstance(loaded.get(key), dict)), None)
         if wrapper is None or any(
-            isinstance(v, torch.Tensor) and "." in k for k, v in loaded.items()
+            isinstance(v, torch.Tensor) and "." in str(k) for k, v in loaded.items()
         ):
             break
         loaded = loaded[wrapper]

@@ -22,7 +22,7 @@ rounded float position ids, which shift every token's position embedding).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,15 +95,24 @@ def normalize_text_encoder_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]
     return result
 
 
-def _text_config(config: Mapping[str, Any] | None) -> Any:
-    from transformers import CLIPTextConfig
+def _build_meta(config: Mapping[str, Any] | None) -> Any:
+    """A ``CLIPTextModel`` on the meta device from ``config`` (None = packaged SD1.x)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdstack.models.assemble import check_config_counts
 
     values = sd15_text_config() if config is None else dict(config)
-    return CLIPTextConfig(**{k: v for k, v in values.items() if k not in _CONFIG_ONLY_KEYS})
+    check_config_counts(values, "text-encoder config")
+    try:
+        clip = CLIPTextConfig(**{k: v for k, v in values.items() if k not in _CONFIG_ONLY_KEYS})
+        with torch.device("meta"):
+            return CLIPTextModel(clip)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as error:
+        raise TextEncoderError(f"not a valid CLIP text config: {error!s:.200}") from error
 
 
 def _key_report(keys: list[str]) -> str:
-    shown = ", ".join(repr(k) for k in sorted(keys)[:5])
+    shown = ", ".join(f"{k!r:.80}" for k in sorted(keys)[:5])
     return f"{shown}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
 
 
@@ -112,7 +121,11 @@ def _check_shapes(tensors: Mapping[str, Any], expected: Mapping[str, Any]) -> No
         want = tuple(expected[key].shape)
         if not isinstance(value, torch.Tensor):
             raise TextEncoderError(
-                f"text-encoder key {key!r} holds {type(value).__name__}, not a tensor"
+                f"text-encoder key {key!r:.100} holds {type(value).__name__}, not a tensor"
+            )
+        if not value.is_floating_point():
+            raise TextEncoderError(
+                f"text-encoder tensor {key!r:.100} is {value.dtype}, expected floating point"
             )
         if tuple(value.shape) != want:
             raise TextEncoderError(
@@ -149,12 +162,34 @@ def _default_dtype(state_dict: Mapping[str, Any]) -> torch.dtype:
     return torch.float32
 
 
+def _converted(
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    on_tensor: Callable[[], None] | None,
+) -> dict[str, torch.Tensor]:
+    """Each (shape-checked, floating) tensor cast to ``dtype`` and moved to ``device``."""
+    prepared = {}
+    for key, value in tensors.items():
+        try:
+            prepared[key] = value.to(device=device, dtype=dtype)
+        except (RuntimeError, NotImplementedError, TypeError) as error:  # float4
+            raise TextEncoderError(
+                f"text-encoder tensor {key!r:.100} cannot be converted from {value.dtype} to "
+                f"{dtype}: {error!s:.100}"
+            ) from error
+        if on_tensor is not None:
+            on_tensor()
+    return prepared
+
+
 def build_text_encoder(
     state_dict: Mapping[str, Any],
     *,
     config: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    on_tensor: Callable[[], None] | None = None,
 ) -> Any:
     """A ``transformers.CLIPTextModel`` built on the meta device and given these tensors.
 
@@ -169,22 +204,21 @@ def build_text_encoder(
         dtype: floating-point dtype of the model; ``None`` = the dtype of the checkpoint's
             token embedding.
         device: where the tensors go; ``None`` = leave them where they are (CPU for files).
+        on_tensor: called after each tensor is cast and moved (progress reporting).
 
     Returns:
         The model, in eval mode.
 
     Raises:
         TextEncoderError: no text-encoder keys, missing or unexpected keys (a few named),
-            a tensor whose shape differs from the config's.
+            a tensor whose shape differs from the config's (checked before any tensor is
+            converted), a config that is not a valid CLIP text config.
     """
-    from transformers import CLIPTextModel
-
     # 1. Normalise the key layout and pick dtype/device.
     tensors = normalize_text_encoder_keys(state_dict)
     dtype = _default_dtype(tensors) if dtype is None else dtype
-    # 2. Build without allocating; compare keys with the model's own.
-    with torch.device("meta"):
-        model = CLIPTextModel(_text_config(config))
+    # 2. Build without allocating; compare keys and shapes with the model's own.
+    model = _build_meta(config)
     layout = "text_model." if hasattr(model, "text_model") else ""
     expected = {
         key[len(layout) :]: value
@@ -194,11 +228,8 @@ def build_text_encoder(
     _check_keys(set(tensors), set(expected))
     _check_shapes(tensors, expected)
     # 3. Install the tensors (cast, moved) and rebuild the position ids.
-    prepared = {
-        layout + key: value.to(device=device, dtype=dtype if value.is_floating_point() else None)
-        for key, value in tensors.items()
-    }
-    model.load_state_dict(prepared, strict=False, assign=True)
+    prepared = _converted(tensors, dtype, device, on_tensor)
+    model.load_state_dict({layout + k: t for k, t in prepared.items()}, strict=False, assign=True)
     embeddings = model.text_model.embeddings if layout else model.embeddings
     positions = embeddings.position_embedding.weight.shape[0]
     target = embeddings.position_embedding.weight.device
@@ -253,7 +284,9 @@ def load_text_encoder(
     folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path
     config_file = folder / "config.json"
     if config is None and config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        from sdstack.models.assemble import read_json
+
+        config = read_json(config_file)
     source = open_weights_in(folder, WEIGHT_NAMES["text_encoder"])
     if source is None:
         raise FileNotFoundError(

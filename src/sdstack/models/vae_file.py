@@ -14,12 +14,20 @@ Old diffusers VAE files (before 0.14) name the attention projections
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdstack.models.assemble import assign_tensors, prepare_tensor, read_mapped
+from sdstack.models.assemble import (
+    Fit,
+    assign_tensors,
+    check_fit,
+    expected_shapes,
+    prepare_weight,
+    read_mapped,
+)
 from sdstack.models.detect import CheckpointError, detect_kind, missing_keys_error
 from sdstack.models.ldm_keys import OLD_DIFFUSERS_VAE_ATTENTION, VAE_PREFIX, vae_key_map
 from sdstack.models.single_file import TensorFile, open_tensor_file
@@ -45,24 +53,49 @@ def _old_name(key: str) -> str:
 
 
 def _read_diffusers(
-    source: TensorFile, vae: Any, dtype: torch.dtype, device: torch.device
+    source: TensorFile,
+    vae: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    fit: Fit,
+    on_tensor: Callable[[], None] | None,
 ) -> dict[str, torch.Tensor]:
-    expected = list(vae.state_dict())
+    expected = fit.expected
     names = {key: key if key in source else _old_name(key) for key in expected}
     missing = [key for key, name in names.items() if name not in source]
     if missing:
         raise missing_keys_error(source.path, "VAE", missing)
+    found = {}
+    for key, name in names.items():
+        shape = tuple(source[name])
+        attention = len(shape) == 4 and key.endswith(".weight") and ".attentions." in key
+        found[key] = shape[:2] if attention and shape[2:] == (1, 1) else shape
+    check_fit(source.path, "VAE", found, fit)
     tensors = {}
     for key, name in names.items():
         tensor = source.tensor(name)
         if tensor.ndim == 4 and key.endswith(".weight") and ".attentions." in key:
             tensor = tensor[:, :, 0, 0]
-        tensors[key] = prepare_tensor(tensor, dtype, device)
+        tensors[key] = prepare_weight(tensor, dtype, device, source.path, name)
+        if on_tensor is not None:
+            on_tensor()
     return tensors
 
 
-def fill_vae(source: TensorFile, vae: Any, dtype: torch.dtype, device: torch.device) -> Any:
+def fill_vae(
+    source: TensorFile,
+    vae: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    config: str = "SD1.x",
+    hint: str | None = None,
+    on_tensor: Callable[[], None] | None = None,
+) -> Any:
     """Give the meta-built ``AutoencoderKL`` ``vae`` the VAE tensors of an open file.
+
+    Shapes are checked against the VAE's config (named ``config`` in messages, then
+    ``hint``) before any tensor is read; ``on_tensor()`` is called after each tensor.
 
     Raises:
         CheckpointError: not a VAE file (says what it looks like), missing tensors,
@@ -75,14 +108,27 @@ def fill_vae(source: TensorFile, vae: Any, dtype: torch.dtype, device: torch.dev
             "encoder./decoder. tensors (LDM or diffusers names, optionally under "
             f"{VAE_PREFIX!r})"
         )
+    fit = Fit(expected_shapes(vae), config, hint)
     if layout[0] == "ldm":
-        tensors = read_mapped(source, layout[1], vae_key_map(vae), dtype, device, "VAE")
+        rows = vae_key_map(vae)
+        tensors = read_mapped(
+            source, layout[1], rows, dtype, device, "VAE", fit=fit, on_tensor=on_tensor
+        )
     else:
-        tensors = _read_diffusers(source, vae, dtype, device)
+        tensors = _read_diffusers(source, vae, dtype, device, fit, on_tensor)
     return assign_tensors(vae, tensors, source.path, "VAE")
 
 
-def load_vae_weights(path: str | Path, vae: Any, dtype: torch.dtype, device: torch.device) -> Any:
+def load_vae_weights(
+    path: str | Path,
+    vae: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    config: str = "SD1.x",
+    hint: str | None = None,
+    on_tensor: Callable[[], None] | None = None,
+) -> Any:
     """``fill_vae`` from a separate VAE file (``.safetensors``/``.pt``/``.ckpt``).
 
     Raises:
@@ -90,4 +136,4 @@ def load_vae_weights(path: str | Path, vae: Any, dtype: torch.dtype, device: tor
         CheckpointError: as ``fill_vae``, or a corrupt/truncated file or refused pickle.
     """
     with open_tensor_file(path) as source:
-        return fill_vae(source, vae, dtype, device)
+        return fill_vae(source, vae, dtype, device, config=config, hint=hint, on_tensor=on_tensor)

@@ -8,16 +8,18 @@ Recognised contents (spec "Textual inversion files"):
 - any dict holding exactly one tensor: diffusers ``{token: T}``, ``{"emb_params": T}``;
 - SDXL ``{"clip_l": T, "clip_g": T}``: recognised and refused (SD1 only);
 
-``T`` is ``(n, width)`` (n vectors) or ``(width,)`` (one vector). ``.pt``/``.bin`` are
-loaded with ``torch.load(weights_only=True)`` (``nn.ParameterDict`` allow-listed): a
-pickle that needs any other Python object is refused, never executed. The name is the file stem.
+``T`` is ``(n, width)`` (n vectors, 1 <= n <= 75: one prompt chunk) or ``(width,)`` (one
+vector), floating point. A file is never trusted: ``.pt``/``.bin`` go through
+``sdstack.models.torch_file.load_torch_file`` (a weights-only unpickler that refuses any
+Python object but tensors and plain containers, and checks every storage against the
+file's size before allocating); ``.safetensors`` headers are checked first
+(``check_safetensors_layout``) and only the chosen tensor is read. Shape and width are
+checked before the tensor is converted to float32. The name is the file stem.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,19 +27,38 @@ from pathlib import Path
 
 import torch
 
-from sdstack.errors import SdstackError
+from sdstack.errors import SdstackError, SdstackWarning
 from sdstack.models.hashes import short_hash12
 from sdstack.models.library import iter_model_files
+from sdstack.models.safetensors_header import SafetensorsHeaderError, check_safetensors_layout
+from sdstack.models.torch_file import RefusedPickleError, TorchFileError, load_torch_file
+from sdstack.prompt.chunks import CHUNK_LENGTH
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 KNOWN_WIDTHS = {768: "SD1.x", 1024: "SD2.x", 1280: "SDXL clip_g", 2048: "SDXL"}
+MAX_VECTORS = CHUNK_LENGTH
+"""An embedding fills at most one prompt chunk (75 tokens)."""
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class EmbeddingError(SdstackError):
     """An embedding file that cannot be used: unreadable, unknown layout or wrong width."""
 
 
-class EmbeddingWarning(UserWarning):
+class EmbeddingWarning(SdstackWarning):
     """An embedding file skipped while loading a folder (the others still load)."""
 
 
@@ -62,39 +83,45 @@ class Embedding:
 
 
 def _read_torch_file(path: Path) -> object:
-    """``torch.load(weights_only=True)``, its failures turned into EmbeddingError."""
+    """``load_torch_file`` (storages mapped, not read), failures as EmbeddingError."""
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
-            # The original textual-inversion code saved string_to_param as an
-            # nn.ParameterDict: a plain torch container, allowed; nothing else is.
-            with torch.serialization.safe_globals([torch.nn.ParameterDict]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        text = str(error)
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        if found:
-            raise EmbeddingError(
-                f"{path}: refused to unpickle: the file needs the Python object "
-                f"{found.group(1)}, which weights-only loading does not allow (loading it "
-                "could run arbitrary code); re-save it as .safetensors from a trusted source"
-            ) from error
+        return load_torch_file(path, mapped=True)
+    except RefusedPickleError as error:
         raise EmbeddingError(
-            f"{path}: not a readable torch file (corrupt or a different format)"
+            f"{path}: refused to unpickle: {error.reason} (nothing from the file was run; "
+            "an embedding holds only tensors); re-save it as .safetensors from a trusted source"
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "empty file"
-        raise EmbeddingError(f"{path}: not a readable torch file ({first_line})") from error
+    except TorchFileError as error:
+        raise EmbeddingError(f"{path}: not a readable torch file ({error.reason})") from error
 
 
 def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, its failures turned into EmbeddingError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """A checked safetensors header as meta tensors (shape and dtype, no data)."""
+    try:
+        entries, _ = check_safetensors_layout(path)
+    except SafetensorsHeaderError as error:
+        reason = str(error).removeprefix(f"{path}: ")
+        raise EmbeddingError(f"{path}: not a readable safetensors file ({reason})") from error
+    tensors = {}
+    for key, entry in entries.items():
+        if entry.dtype not in SAFETENSORS_DTYPES:
+            raise EmbeddingError(
+                f"{path}: tensor {key!r:.60} has dtype {entry.dtype}, which an embedding "
+                "cannot have (expected F32, F16 or BF16)"
+            )
+        dtype = SAFETENSORS_DTYPES[entry.dtype]
+        tensors[key] = torch.empty(entry.shape, dtype=dtype, device="meta")
+    return tensors
+
+
+def _read_safetensors_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a (checked) safetensors file."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError) as error:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key)
+    except (SafetensorError, OSError, TypeError, ValueError) as error:
         raise EmbeddingError(f"{path}: not a readable safetensors file ({error})") from error
 
 
@@ -109,8 +136,8 @@ def _tensor_from_contents(data: object, path: Path) -> torch.Tensor:
         )
     if "string_to_param" in data:
         params = data["string_to_param"]
-        is_mapping = isinstance(params, (dict, torch.nn.ParameterDict))
-        tensors = list(params.values()) if is_mapping else []
+        # (an nn.ParameterDict is read as the dict of its parameters)
+        tensors = list(params.values()) if isinstance(params, dict) else []
         if len(tensors) != 1 or not isinstance(tensors[0], torch.Tensor):
             raise EmbeddingError(
                 f"{path}: string_to_param must hold exactly one tensor, got {_describe(params)}"
@@ -133,24 +160,23 @@ def _tensor_from_contents(data: object, path: Path) -> torch.Tensor:
 def _describe(value: object) -> str:
     """Short description of a loaded value for error messages: keys and types."""
     if isinstance(value, dict):
-        items = [f"{key!r}: {type(item).__name__}" for key, item in list(value.items())[:8]]
-        more = ", ..." if len(value) > 8 else ""
+        items = [f"{key!r:.40}: {type(item).__name__}" for key, item in list(value.items())[:8]]
+        more = f", ... {len(value) - 8} more" if len(value) > 8 else ""
         return "{" + ", ".join(items) + more + "}"
     return type(value).__name__
 
 
-def _as_vectors(tensor: torch.Tensor, path: Path, width: int | None) -> torch.Tensor:
-    """(n, width) float32 from a (width,) or (n, width) floating tensor; width checked."""
+def _check_vectors(tensor: torch.Tensor, path: Path, width: int | None) -> None:
+    """A floating (width,) or (n, width) tensor, 1 <= n <= MAX_VECTORS, of the model's
+    width: checked on the shape alone, before any data is read or converted."""
     if not tensor.is_floating_point():
         raise EmbeddingError(f"{path}: embedding tensor must be floating point, got {tensor.dtype}")
-    if tensor.ndim == 1:
-        tensor = tensor.unsqueeze(0)
-    if tensor.ndim != 2 or tensor.shape[0] == 0:
+    shape = tuple(tensor.shape)
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] == 0):
         raise EmbeddingError(
-            f"{path}: embedding tensor must have shape (vectors, width) or (width,), got "
-            f"{tuple(tensor.shape)}"
+            f"{path}: embedding tensor must have shape (vectors, width) or (width,), got {shape}"
         )
-    found = int(tensor.shape[1])
+    found = shape[-1]
     if width is not None and found != width:
         guess = KNOWN_WIDTHS.get(found)
         hint = f" (a {guess} embedding?)" if guess else ""
@@ -158,7 +184,20 @@ def _as_vectors(tensor: torch.Tensor, path: Path, width: int | None) -> torch.Te
             f"{path}: embedding width {found}{hint} does not match the model's token "
             f"embedding width {width}"
         )
-    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if len(shape) == 2 and shape[0] > MAX_VECTORS:
+        raise EmbeddingError(
+            f"{path}: embedding has {shape[0]} vectors; at most {MAX_VECTORS} fit in a "
+            f"prompt (one chunk of {CHUNK_LENGTH} tokens)"
+        )
+
+
+def _as_vectors(tensor: torch.Tensor, path: Path, width: int | None) -> torch.Tensor:
+    """(n, width) float32 from a (width,) or (n, width) floating tensor (``_check_vectors``),
+    copied out of the file."""
+    _check_vectors(tensor, path, width)
+    if tensor.ndim == 1:
+        tensor = tensor.unsqueeze(0)
+    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
 
 
 def load_embedding_file(
@@ -172,8 +211,9 @@ def load_embedding_file(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        EmbeddingError: unknown suffix, unreadable/corrupt/refused file, unknown layout,
-            SDXL file, bad shape or width.
+        EmbeddingError: unknown suffix, unreadable/corrupt/truncated/refused file (a
+            storage or header declaring more data than the file holds among them),
+            unknown layout, SDXL file, bad shape, more than 75 vectors, wrong width.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -184,13 +224,18 @@ def load_embedding_file(
         )
     if not path.is_file():
         raise FileNotFoundError(f"embedding file not found: {path}")
-    # 1. read the file (never executing pickled code)
+    # 1. read the structure, no tensor data (never executing pickled code)
     if suffix == ".safetensors":
         data: object = _read_safetensors_file(path)
     else:
         data = _read_torch_file(path)
-    # 2. find the tensor, check shape and width
-    vectors = _as_vectors(_tensor_from_contents(data, path), path, width)
+    # 2. find the tensor, check shape and width, only then read and convert it
+    tensor = _tensor_from_contents(data, path)
+    _check_vectors(tensor, path, width)
+    if tensor.is_meta:
+        key = next(k for k, v in data.items() if v is tensor)  # type: ignore[union-attr]
+        tensor = _read_safetensors_tensor(path, key)
+    vectors = _as_vectors(tensor, path, width)
     # 3. hash for infotext "TI hashes"
     digest = short_hash12(path) if hash_file else None
     return Embedding(name=path.stem, vectors=vectors, path=path, short_hash=digest)
@@ -248,7 +293,7 @@ class EmbeddingLibrary(Mapping[str, Embedding]):
                         f"from {loaded[file.stem].path}; keeping the first"
                     )
                 embedding = load_embedding_file(file, width=width, hash_file=hash_files)
-            except (EmbeddingError, OSError) as error:
+            except (SdstackError, OSError) as error:
                 skipped.append((file, str(error)))
                 warnings.warn(f"skipped embedding {error}", EmbeddingWarning, stacklevel=2)
                 continue
