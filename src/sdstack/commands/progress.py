@@ -2,12 +2,15 @@
 
 A single tqdm bar is reset at each phase, so a person sees what is happening and how far
 it is: loading counts tensors, sampling counts denoiser calls over the whole job with the
-batch in the label, encoding and decoding name their batch.
+batch in the label, encoding and decoding name their batch. A full-size UNet call takes
+seconds on a CPU, so a ticker redraws the line every second: the elapsed time keeps
+moving and the display is never silent.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 
@@ -23,12 +26,23 @@ class JobProgress:
         self.label: str | None = None
         self.total: int | None = None
         self.batch, self.batches = 0, 1
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, daemon=True) if enabled else None
 
     def __enter__(self) -> JobProgress:
+        if self._ticker is not None:
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._ticker is not None and self._ticker.is_alive():
+            self._ticker.join()
         self.bar.close()
+
+    def _tick(self, interval: float = 1.0) -> None:
+        while not self._stop.wait(interval):
+            self.bar.refresh()
 
     def phase(self, name: str, total: int | None = None, unit: str = "it") -> None:
         """Start phase ``name`` with ``total`` units (None: unknown)."""
