@@ -191,3 +191,22 @@ def test_python_dash_m_sdstack():
         [sys.executable, "-m", "sdstack", "--version"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0 and done.stdout.startswith("sdstack ")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("(a:1" + "0" * 400 + ")", "is out of range: weights must be finite numbers in [-1000,"),
+        ("a cat AND a dog :" + "9" * 400, "out of range"),
+        ("<lora:film:0.8> a cat", "extra-network tag(s) <lora:film>"),
+        ("a \udcff cat", "prompt is not valid UTF-8"),
+        ("(" * 101 + "a", "nested more than 100 deep"),
+    ],
+)
+def test_bad_prompts_are_refused_before_loading(
+    tiny_checkpoint, tmp_path, capsys, no_loading, prompt, message
+):
+    argv = base(tiny_checkpoint, tmp_path)
+    argv[1] = prompt
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.startswith("sdstack: error: ") and message in err, err

@@ -21,7 +21,7 @@ class JobProgress:
         from tqdm import tqdm
 
         self.bar = tqdm(
-            total=None, desc="starting", file=sys.stderr, disable=not enabled, leave=False
+            total=None, desc="importing torch", file=sys.stderr, disable=not enabled, leave=False
         )
         self.label: str | None = None
         self.total: int | None = None

@@ -79,10 +79,12 @@ class GenerationJob:
         """Every setting checked (see :func:`check_inputs`), network tags refused.
 
         Raises:
-            SettingError, UnknownSamplerError, PromptSyntaxError: a bad setting or prompt.
+            SettingError, UnknownSamplerError: a bad setting.
+            PromptSyntaxError, PromptLimitError, PromptNotSupportedError: a bad prompt.
         """
         check_inputs(self.params, dict(names or {}))
         reject_network_tags(self.params.prompt)
+        check_prompt_texts(self.params)
 
     def replace(self, **settings: Any) -> GenerationJob:
         """A copy with some :class:`GenerationParams` fields changed (grids use this)."""
@@ -133,6 +135,24 @@ class GenerationJob:
         if seed is not None:
             fields["Seed"] = seed
         return build_infotext(self.params.prompt, self.params.negative, fields)
+
+
+def check_prompt_texts(params: GenerationParams) -> None:
+    """Read the prompt and the negative as generation will, without a model: every
+    scheduled text of every AND part is parsed for emphasis, so a bad weight or a prompt
+    past the limits fails before anything loads (linear in the prompt's length).
+
+    Raises:
+        PromptSyntaxError, PromptLimitError: as ``plan_prompt`` and ``parse_attention``.
+    """
+    from sdstack.generate.samplers import resolve_sampler
+    from sdstack.prompt import parse_attention
+    from sdstack.prompt.plan import plan_prompt
+
+    steps = resolve_sampler(params.sampler, params.schedule_type)[0].schedule_steps(params.steps)
+    for text, negative in ((params.prompt, False), (params.negative, True)):
+        for scheduled in plan_prompt(text, steps, negative=negative).texts():
+            parse_attention(scheduled)
 
 
 def _file_refs(model: str | None, vae: str | None) -> SimpleNamespace:
