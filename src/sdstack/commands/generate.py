@@ -118,6 +118,12 @@ def _add_generate(subparsers: Any) -> None:
         default=None,
         help="img2img strength 0..1 (default: 0.75); needs --init-image",
     )
+    _add_run_options(parser)
+    parser.set_defaults(handler=run_generate)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Where it runs and where the images go."""
     parser.add_argument(
         "--dtype",
         default="fp32",
@@ -143,7 +149,6 @@ def _add_generate(subparsers: Any) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="no progress display (paths are still printed)"
     )
-    parser.set_defaults(handler=run_generate)
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:

@@ -117,8 +117,6 @@ def prepare(
         SettingError, UnknownSamplerError, SamplerUnavailableError: bad settings.
         GenerationParamsError: extra-network tags in the prompt.
     """
-    from sdstack.text import PromptEncoder
-
     # 1. Check inputs; canonical names for the infotext.
     check_inputs(params)
     reject_network_tags(params.prompt)
@@ -129,15 +127,43 @@ def prepare(
         schedule_type=schedule_type,
         emphasis=check_emphasis(params.emphasis),
     )
-    make_scheduler(spec, schedule_type, components.scheduler_config)  # needs its package
-    # 2. Encode the prompt schedules.
+    scheduler = make_scheduler(spec, schedule_type, components.scheduler_config)
+    # 2. Encode the prompt schedules, the init image (img2img); the infotext fields.
+    denoiser = _guided_denoiser(components, params, spec, embeddings, hooks)
+    init_latents, start, steps_run = None, 0, params.steps
+    if params.is_img2img:
+        start, steps_run = img2img_start(params.steps, params.denoising_strength)
+        init_latents = encode_init_image(
+            components.vae, params.init_image, params.width, params.height
+        )
+    used = _used_embeddings(denoiser)
+    fields = generation_fields(
+        params, components=components, embeddings=embeddings, used_embeddings=used
+    )
+    calls = len(_timesteps(scheduler, params.steps, start))
+    return PreparedJob(
+        components, params, spec, schedule_type, denoiser, init_latents, start, steps_run,
+        fields, calls,
+    )  # fmt: skip
+
+
+def _guided_denoiser(
+    components: Any,
+    params: GenerationParams,
+    spec: SamplerSpec,
+    embeddings: Any,
+    hooks: Sequence[UNetHook],
+) -> GuidedDenoiser:
+    """The prompt and negative schedules encoded, in a denoiser with the hooks."""
+    from sdstack.text import PromptEncoder
+
     encoder = PromptEncoder(components.text_encoder, components.tokenizer, embeddings)
     style = {"clip_skip": params.clip_skip, "emphasis": params.emphasis}
     schedule_steps = spec.schedule_steps(params.steps)
     cond = encoder.encode_schedule(params.prompt, schedule_steps, split_and=True, **style)
     uncond = encoder.encode_schedule(params.negative, schedule_steps, split_and=False, **style)
     empty = encoder.empty(**style) if params.pad_conds else None
-    denoiser = GuidedDenoiser(
+    return GuidedDenoiser(
         components.unet,
         cond,
         uncond,
@@ -145,36 +171,6 @@ def prepare(
         empty,
         pad_conds=params.pad_conds,
         hooks=hooks,
-    )
-    # 3. The init image (img2img) and the infotext fields.
-    init_latents, start, steps_run = None, 0, params.steps
-    if params.is_img2img:
-        start, steps_run = img2img_start(params.steps, params.denoising_strength)
-        init_latents = encode_init_image(
-            components.vae, params.init_image, params.width, params.height
-        )
-    fields = generation_fields(
-        params,
-        components=components,
-        embeddings=embeddings,
-        used_embeddings=_used_embeddings(denoiser),
-    )
-    calls = len(
-        _timesteps(
-            make_scheduler(spec, schedule_type, components.scheduler_config), params.steps, start
-        )
-    )
-    return PreparedJob(
-        components,
-        params,
-        spec,
-        schedule_type,
-        denoiser,
-        init_latents,
-        start,
-        steps_run,
-        fields,
-        calls,
     )
 
 
