@@ -210,3 +210,24 @@ def test_bad_prompts_are_refused_before_loading(
     argv[1] = prompt
     code, _, err = run(capsys, *argv)
     assert code == 2 and err.startswith("sdstack: error: ") and message in err, err
+
+
+def test_unusable_device_is_refused_before_loading(tiny_checkpoint, tmp_path, capsys, no_loading):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, *base(tiny_checkpoint, tmp_path), "--device", "cuda")
+    assert code == 2
+    assert "sdstack: error: --device: got 'cuda' but CUDA is not available to this torch" in err
+
+
+def test_unreadable_infotext_field_is_a_clean_error(tiny_checkpoint, tmp_path, capsys, no_loading):
+    text = build_infotext("a cat", "", {"Steps": "many", "Sampler": "Euler", "Seed": 1})
+    save_image(Image.new("RGB", (8, 8)), text, tmp_path, seed=1)
+    image = next(tmp_path.glob("*.png"))
+    argv = base(tiny_checkpoint, tmp_path)
+    del argv[1]  # no prompt: it comes from the infotext
+    code, _, err = run(capsys, *argv, "--from-infotext", str(image))
+    assert code == 2
+    assert "sdstack: error: infotext field 'Steps': cannot read 'many' as an integer" in err

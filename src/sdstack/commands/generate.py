@@ -312,6 +312,7 @@ def run_generate(args: argparse.Namespace) -> int:
     job = build_job(args)
     paths = resolve_files(args, job)
     check_output_folder(args.out)
+    _check_device(args)
     if job.unhonoured:
         _note("not applied from the infotext: " + describe_unhonoured(job.unhonoured))
 
@@ -328,6 +329,17 @@ def run_generate(args: argparse.Namespace) -> int:
         embeddings = _embeddings(paths.embeddings, components)
         run_job(components, job, progress, save, embeddings)
     return 0
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """``--device`` and ``--dtype`` usable here, before loading (names the option)."""
+    from sdstack.models.assemble import resolve_device
+    from sdstack.validate import SettingError
+
+    try:
+        resolve_device(args.device)
+    except SettingError as error:
+        raise SettingError(f"--{error}") from None
 
 
 def _load(args: argparse.Namespace, paths: Any, progress: JobProgress) -> Any:

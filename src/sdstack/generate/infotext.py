@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sdstack.validate import SettingError
+
 FIELD_ORDER = (
     "Steps",
     "Sampler",
@@ -279,7 +281,7 @@ def params_from_infotext(info: Mapping[str, str]) -> dict[str, Any]:
     absent from the result.
 
     Raises:
-        ValueError: a numeric or boolean field that does not parse, naming field and value.
+        SettingError: a numeric or boolean field that does not parse, naming field and value.
     """
     from sdstack.generate.samplers import resolve_sampler
 
@@ -299,7 +301,7 @@ def params_from_infotext(info: Mapping[str, str]) -> dict[str, Any]:
             try:
                 result[name] = kind(info[key])
             except ValueError as error:
-                raise ValueError(
+                raise SettingError(
                     f"infotext field {key!r}: cannot read {info[key]!r} as {expected}"
                 ) from error
     if "Size-1" in info and "Size-2" in info:
@@ -331,9 +333,9 @@ def read_bool(key: str, text: str) -> bool:
     """Reference boolean infotext value: ``True``/``False`` (any case).
 
     Raises:
-        ValueError: anything else, naming the field and value.
+        SettingError: anything else, naming the field and value.
     """
     value = text.strip().lower()
     if value not in ("true", "false"):
-        raise ValueError(f"infotext field {key!r}: cannot read {text!r} as True or False")
+        raise SettingError(f"infotext field {key!r}: cannot read {text!r} as True or False")
     return value == "true"

@@ -20,6 +20,7 @@ import torch
 from sdstack.models.detect import CheckpointError, missing_keys_error, name_list
 from sdstack.models.ldm_keys import KeyRow
 from sdstack.models.single_file import TensorFile
+from sdstack.validate import SettingError
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -35,9 +36,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(
+    raise SettingError(
         f"dtype: got {dtype!r}, expected one of {', '.join(DTYPES)} or a floating torch.dtype"
     )
+
+
+def _device_message(device: Any) -> str:
+    return f"device: got {device!r}, expected one of {', '.join(DEVICES)}"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -45,20 +50,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device: got {device!r}, expected one of {', '.join(DEVICES)}") from error
+        raise SettingError(_device_message(device)) from error
     if resolved.type not in DEVICES:
-        raise ValueError(f"device: got {device!r}, expected one of {', '.join(DEVICES)}")
+        raise SettingError(_device_message(device))
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise SettingError(
             f"device: got {device!r} but CUDA is not available to this torch "
             f"({torch.__version__}); use device='cpu'"
         )
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
+        raise SettingError(
             f"device: got {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
         )
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(
+        raise SettingError(
             f"device: got {device!r} but MPS is not available on this machine; use device='cpu'"
         )
     return resolved
