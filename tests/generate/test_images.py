@@ -182,7 +182,10 @@ from PIL import Image
 from sdstack.generate.images import save_image
 folder, go, worker, each = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 open(f"{go}.ready{worker}", "w").close()
+deadline = time.monotonic() + 60  # never outlive a test that failed before the start
 while not os.path.exists(go):
+    if time.monotonic() > deadline:
+        sys.exit("no start signal")
     time.sleep(0.001)
 for number in range(each):
     picture = Image.new("RGB", (32, 32), (worker, number, 77))
@@ -202,12 +205,16 @@ def test_processes_saving_at_once_never_overwrite(tmp_path):
         )
         for w in range(workers)
     ]
-    while len(list(tmp_path.glob("go.ready*"))) < workers:  # all imported: start at once
-        if any(process.poll() is not None for process in processes):
-            break  # one crashed: its stderr is reported below
-        time.sleep(0.005)
-    (tmp_path / "go").touch()
-    outcomes = [(p.communicate(timeout=100)[1], p.returncode) for p in processes]
+    try:
+        while len(list(tmp_path.glob("go.ready*"))) < workers:  # all imported: start at once
+            if any(process.poll() is not None for process in processes):
+                break  # one crashed: its stderr is reported below
+            time.sleep(0.005)
+        (tmp_path / "go").touch()
+        outcomes = [(p.communicate(timeout=100)[1], p.returncode) for p in processes]
+    finally:
+        for process in processes:
+            process.kill()
     assert [stderr for stderr, code in outcomes if code] == []
     check_saved(folder, [(n, colour(w, n)) for w in range(workers) for n in range(each)])
 
