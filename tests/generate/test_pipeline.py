@@ -20,6 +20,8 @@ from sdstack.generate import (
 )
 from sdstack.generate.pipeline import decode_latents, image_noise, img2img_start
 from sdstack.text import PromptEncoder
+from tests.generate import latent_atol
+from tests.text import assert_forward_close, forward_atol
 
 # diffusers' schedulers trip numpy 2 deprecation warnings on every step
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -63,7 +65,9 @@ def test_batch_image_i_uses_seed_plus_i(tiny_components):
     assert [r.seed for r in batch] == [40, 41, 42, 43]
     single = run(tiny_components, seed=43, sampler="Euler a")
     diff = np.abs(pixels(batch[3]).astype(int) - pixels(single[0]).astype(int))
-    assert diff.max() <= 1  # batched convolutions round differently in the last bit
+    # Batched kernels round differently: within one level (derived and measured in
+    # test_batch_consistency.py).
+    assert diff.max() <= 1
     assert "Seed: 43," in batch[3].infotext
 
 
@@ -73,8 +77,9 @@ def test_random_seed_drawn_once(tiny_components):
 
 
 def test_initial_noise_is_reference_cpu_rng():
-    torch.manual_seed(1234)
-    expected = torch.randn(4, 8, 8)
+    with torch.random.fork_rng(devices=[]):  # the reference's own calls; state restored
+        torch.manual_seed(1234)
+        expected = torch.randn(4, 8, 8)
     noise, _ = image_noise(1234, (4, 8, 8))
     assert torch.equal(noise[0], expected)
 
@@ -143,8 +148,9 @@ def test_schedule_switches_at_the_right_call(tiny_components):
     negative = encoder.encode("blur").tensor[0]
     assert len(spy.contexts) == 4
     for call, context in enumerate(spy.contexts):
-        torch.testing.assert_close(context[0], cat if call <= 2 else dog)
-        torch.testing.assert_close(context[1], negative)
+        # All weights 1; the job encodes "a cat x" and "a dog x" in one forward (one call).
+        assert_forward_close(context[0], cat if call <= 2 else dog)
+        assert_forward_close(context[1], negative)
 
 
 def test_second_order_samplers_schedule_over_twice_the_steps(tiny_components):
@@ -154,7 +160,8 @@ def test_second_order_samplers_schedule_over_twice_the_steps(tiny_components):
     run(components, prompt="a [cat:dog:0.5] x", steps=3, sampler="Heun")
     encoder = PromptEncoder(tiny_components.text_encoder, tiny_components.tokenizer)
     cat = encoder.encode("a cat x").tensor[0]
-    uses_cat = [torch.allclose(c[0], cat) for c in spy.contexts]
+    # cat and dog differ by ~1; batched encodings of one agree to forward rounding.
+    uses_cat = [torch.allclose(c[0], cat, rtol=0, atol=forward_atol(cat)) for c in spy.contexts]
     assert uses_cat == [True, True, True, True, False]  # when = int(0.5 * 6) = 3
 
 
@@ -181,8 +188,8 @@ def test_progress_callback_and_cancel(tiny_components):
 def test_matches_diffusers_pipeline(tiny_components, sampler):
     """Independent truth: diffusers' StableDiffusionPipeline, same weights, scheduler, seed.
 
-    The final latents must be identical; the pixels then follow the reference's
-    conversion, checked against diffusers' decoded image with that formula applied.
+    The final latents must agree to float32 rounding; the pixels then follow the
+    reference's conversion, checked against diffusers' decoded image with that formula.
     """
     from sdstack.generate.samplers import make_scheduler, resolve_sampler
 
@@ -207,8 +214,14 @@ def test_matches_diffusers_pipeline(tiny_components, sampler):
         seed=21,
         callback=lambda record: finals.append(record.latents.clone()),
     )
-    assert torch.equal(finals[-1], latents)
+    # Not the identical batched computation: diffusers puts the negative's UNet row first,
+    # we put it last, and some GEMM paths round by row position (MKL_CBWR=COMPATIBLE with
+    # one thread: 4.8e-5 after 3 steps; the default AVX-512 path: equal). Bound: latent_atol.
+    atol = latent_atol(len(finals), latents, settings["guidance_scale"])
+    torch.testing.assert_close(finals[-1], latents, rtol=0, atol=atol)
     # diffusers' [0, 1] image is (x / 2 + 0.5).clamp(0, 1); the reference's is (x + 1) / 2.
+    # The two formulas differ by one float32 rounding and the decoded values by far less
+    # than 2 / 255, so a truncated value moves by at most one level.
     expected = (255.0 * decoded.permute(1, 2, 0).numpy()).astype(np.uint8)
     assert np.abs(pixels(ours[0]).astype(int) - expected).max() <= 1
 
@@ -287,12 +300,13 @@ def test_long_prompt_short_negative_calls_and_infotext(tiny_components, pad_cond
     if pad_conds:
         padded = torch.cat([negative, encoder.empty().tensor], dim=1)
         assert [c.shape[:2] for c in spy.contexts] == [(2, 154)] * 2
-        torch.testing.assert_close(spy.contexts[0], torch.cat([prompt, padded]))
+        # Unweighted texts: exactly the forward outputs, possibly batched differently.
+        assert_forward_close(spy.contexts[0], torch.cat([prompt, padded]))
         assert "RNG: CPU, Pad conds: True, Version" in result[0].infotext
     else:
         assert [c.shape[:2] for c in spy.contexts] == [(1, 154), (1, 77)] * 2
-        torch.testing.assert_close(spy.contexts[0], prompt)
-        torch.testing.assert_close(spy.contexts[1], negative)
+        assert_forward_close(spy.contexts[0], prompt)
+        assert_forward_close(spy.contexts[1], negative)
         assert "Pad conds" not in result[0].infotext
 
 
@@ -344,5 +358,5 @@ def test_on_image_delivers_finished_batches_before_a_later_cancel(tiny_component
             on_image=delivered.append,
         )
     assert [result.seed for result in delivered] == [11, 12]
-    single = run(tiny_components, seed=12)[0]  # batched convolutions may round differently
+    single = run(tiny_components, seed=12)[0]  # within one level: test_batch_consistency.py
     assert np.abs(pixels(delivered[1]).astype(int) - pixels(single)).max() <= 1

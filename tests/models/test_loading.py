@@ -46,6 +46,7 @@ def write_config_folder(components, folder: Path) -> Path:
 def assert_same_tensors(module_a, module_b) -> None:
     state_a, state_b = module_a.state_dict(), module_b.state_dict()
     assert state_a.keys() == state_b.keys()
+    # Loading copies or casts tensors, never computes with them: exact equality.
     unequal = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
     assert unequal == []
 

@@ -22,12 +22,15 @@ def ids(encoder):
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_integer_clip_skip_is_hidden_state_minus_n_then_final_ln(encoder, ids, n):
     got = encoder.encode(PROMPT, clip_skip=n).tensor[0]
+    # Identical computation: one chunk, batch 1 on both sides, all weights 1 ("original" is
+    # exactly the identity). Default float32 tolerance; the results are in fact equal.
     torch.testing.assert_close(got, direct_layer(encoder.text_model, ids, n))
 
 
 def test_clip_skip_1_is_last_hidden_state_and_differs_from_2(encoder, ids):
     last = direct_output(encoder.text_model, ids).last_hidden_state[0]
-    assert torch.equal(encoder.encode(PROMPT, clip_skip=1).tensor[0], last)
+    assert torch.equal(encoder.encode(PROMPT, clip_skip=1).tensor[0], last)  # identical run
+    # Layers -1 and -2 differ by about 2 at some values: 1e7 times allclose's tolerance.
     assert not torch.allclose(encoder.encode(PROMPT, clip_skip=2).tensor[0], last)
 
 
@@ -36,13 +39,14 @@ def test_fractional_clip_skip_blends_neighbouring_layers(encoder, ids, value):
     low, f = math.floor(value), value - math.floor(value)
     model = encoder.text_model
     want = (1 - f) * direct_layer(model, ids, low) + f * direct_layer(model, ids, low + 1)
+    # Same batch-1 forward and the same blend on both sides: default float32 tolerance.
     torch.testing.assert_close(encoder.encode(PROMPT, clip_skip=value).tensor[0], want)
 
 
 def test_pooled_is_last_layer_at_first_eos_for_every_clip_skip(encoder, ids):
     last = direct_output(encoder.text_model, ids).last_hidden_state[0]
     eos = ids.index(49407)
-    for n in (1, 2, 3.5):
+    for n in (1, 2, 3.5):  # the same batch-1 forward: identical values
         torch.testing.assert_close(encoder.encode(PROMPT, clip_skip=n).pooled[0], last[eos])
 
 

@@ -54,6 +54,7 @@ def test_slot_rows_hold_the_vectors(encoder, library, name, count):
     positions = inner(encoder.text_model).embeddings.position_embedding.weight
     rows = slice(slot.position, slot.position + count)
     vectors = getattr(library[name], "vectors", library[name]).reshape(count, WIDTH)
+    # The embedding layer adds the position rows with one float32 addition, as here: exact.
     torch.testing.assert_close(embedded[0, rows], vectors + positions[rows])
     assert cond.embeddings_used == (name,)
     assert chunk.weights[slot.position] == pytest.approx(1.2)
@@ -63,7 +64,7 @@ def test_result_differs_from_the_plain_word(encoder, tiny_text_encoder, tokenize
     plain = PromptEncoder(tiny_text_encoder, tokenizer)
     for prompt in ("a mystyle cat", "twovec"):
         assert not torch.allclose(encoder.encode(prompt).tensor, plain.encode(prompt).tensor)
-    # Text without embedding names is untouched by the library.
+    # Text without embedding names is untouched by the library: the identical computation.
     torch.testing.assert_close(encoder.encode("a cat").tensor, plain.encode("a cat").tensor)
 
 
@@ -76,7 +77,7 @@ def test_rows_other_than_slots_are_the_token_embeddings(encoder):
     slot_rows = {p for s in chunk.embeddings for p in range(s.position, s.position + s.vectors)}
     assert len(slot_rows) == 3
     others = [i for i in range(77) if i not in slot_rows]
-    torch.testing.assert_close(embedded[0, others], plain[0, others])
+    torch.testing.assert_close(embedded[0, others], plain[0, others])  # same lookup + add
 
 
 def test_slots_in_a_later_chunk_and_in_a_pair(encoder):
@@ -111,5 +112,5 @@ def test_embedding_library_from_files(tmp_path, tiny_text_encoder, tokenizer):
     encoder = PromptEncoder(tiny_text_encoder, tokenizer, library)
     cond, embedded = _embedding_outputs(encoder, "filestyle")
     positions = inner(tiny_text_encoder).embeddings.position_embedding.weight
-    torch.testing.assert_close(embedded[0, 1:3], _vectors(2, 5) + positions[1:3])
+    torch.testing.assert_close(embedded[0, 1:3], _vectors(2, 5) + positions[1:3])  # one add
     assert cond.embeddings_used == ("filestyle",)
