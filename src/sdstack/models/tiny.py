@@ -9,6 +9,8 @@ LayerNorm has bias 0, which makes the reference emphasis mean restoration 0/0).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sdstack.models.components import SD1_SCHEDULER_CONFIG, ModelComponents
@@ -66,13 +68,23 @@ def randomize_norms(module: Any, generator: Any) -> None:
                 sub.bias.copy_(0.1 * torch.randn(sub.bias.shape, generator=generator))
 
 
+@contextmanager
+def _global_seed(seed: int) -> Iterator[None]:
+    """Seed torch's global CPU RNG for module initialisation, then restore the caller's."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def tiny_text_encoder(seed: int = 0) -> Any:
     """A 5-layer, width-32 ``CLIPTextModel`` over the full SD1.x vocabulary."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
-    model = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)).eval()
+    with _global_seed(seed):  # default init draws from the global RNG; restored after
+        model = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)).eval()
     randomize_norms(model, torch.Generator().manual_seed(seed + 1))
     return model
 
@@ -82,8 +94,8 @@ def tiny_unet(seed: int = 0) -> Any:
     import torch
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    model = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
+    with _global_seed(seed):  # default init draws from the global RNG; restored after
+        model = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
     randomize_norms(model, torch.Generator().manual_seed(seed + 1))
     return model
 
@@ -93,8 +105,8 @@ def tiny_vae(seed: int = 0) -> Any:
     import torch
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    model = AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    with _global_seed(seed):  # default init draws from the global RNG; restored after
+        model = AutoencoderKL(**TINY_VAE_CONFIG).eval()
     randomize_norms(model, torch.Generator().manual_seed(seed + 1))
     return model
 
