@@ -231,3 +231,62 @@ def test_unreadable_infotext_field_is_a_clean_error(tiny_checkpoint, tmp_path, c
     code, _, err = run(capsys, *argv, "--from-infotext", str(image))
     assert code == 2
     assert "sdstack: error: infotext field 'Steps': cannot read 'many' as an integer" in err
+
+
+@pytest.fixture
+def webui_root(tiny_checkpoint, tmp_path):
+    """A web UI install: the tiny model under models/Stable-diffusion, an embeddings/ folder."""
+    import shutil
+
+    import torch
+
+    root = tmp_path / "webui"
+    models = root / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    shutil.copy(tiny_checkpoint[0], models / "tiny-model.safetensors")
+    (root / "embeddings").mkdir()
+    vectors = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
+    torch.save({"string_to_param": {"*": vectors}}, root / "embeddings" / "mystyle.pt")
+    return root
+
+
+def test_root_finds_the_model_by_name_and_the_embeddings(
+    webui_root, tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    from sdstack.models.hashes import short_hash
+
+    config = str(tiny_checkpoint[1])
+    out = tmp_path / "out"
+    monkeypatch.setenv("SDSTACK_CACHE_DIR", str(tmp_path / "cache"))
+    code, stdout, err = run(
+        capsys, "generate", "a cat in mystyle", "--root", str(webui_root), "--model",
+        "tiny-model", "--config-dir", config, "--size", "64x64", "--steps", "1",
+        "--seed", "9", "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    first = stdout.splitlines()[0]
+    info = read_infotext(first)
+    model_hash = short_hash(webui_root / "models" / "Stable-diffusion" / "tiny-model.safetensors")
+    assert f"Model hash: {model_hash}, Model: tiny-model" in info
+    assert "TI hashes: \"mystyle: " in info  # found in ROOT/embeddings without --embeddings
+    # --from-infotext with $SDSTACK_ROOT: the infotext's model, found by its hash
+    monkeypatch.setenv("SDSTACK_ROOT", str(webui_root))
+    code, stdout, err = run(
+        capsys, "generate", "--from-infotext", first, "--config-dir", config,
+        "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    assert read_infotext(stdout.splitlines()[0]) == info
+
+
+def test_root_names_what_it_cannot_find(webui_root, tmp_path, capsys, no_loading):
+    code, _, err = run(
+        capsys, "generate", "a cat", "--root", str(webui_root), "--model", "tiny-modle",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 2 and "tiny-modle" in err and "did you mean" in err, err
+    code, _, err = run(
+        capsys, "generate", "a cat", "--root", str(tmp_path / "nowhere"), "--model", "x",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 2 and f"--root {tmp_path / 'nowhere'}: folder not found" in err, err
