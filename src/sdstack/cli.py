@@ -122,9 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except Exception as error:
-        if os.environ.get("SDSTACK_DEBUG") or not is_user_error(error):
-            if not is_user_error(error):
-                print(BUG_REPORT, file=sys.stderr)
+        if not is_user_error(error):
+            print(BUG_REPORT, file=sys.stderr)
+            raise
+        if os.environ.get("SDSTACK_DEBUG"):
             raise
         print(f"sdstack: error: {describe(error)}", file=sys.stderr)
         return 2

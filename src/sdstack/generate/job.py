@@ -30,8 +30,6 @@ HONOURED_FIELDS = frozenset(
         "CFG scale",
         "Seed",
         "Size",
-        "Size-1",
-        "Size-2",
         "Clip skip",
         "Emphasis",
         "Pad conds",
@@ -47,9 +45,10 @@ INFORMATIONAL_FIELDS = frozenset({"Version", "TI hashes"})
 FIELD_NOTES = {
     "RNG": "sdstack draws noise on the CPU (RNG: CPU), so the picture will differ",
     "Denoising strength": "used only with an init image (img2img); hires fix is not supported",
-    "Hires upscale": "hires fix is not supported",
+    "Hires": "hires fix is not supported",
     "Lora hashes": "LoRAs are not applied yet",
 }
+"""Why a field is not applied, by field-name prefix ("Hires" covers every hires field)."""
 
 
 @dataclass
@@ -186,6 +185,6 @@ def describe_unhonoured(unhonoured: Mapping[str, str]) -> str:
     """``Hires upscale: 2 (hires fix is not supported), RNG: GPU (...)`` for a note."""
     parts = []
     for key, value in unhonoured.items():
-        note = FIELD_NOTES["Hires upscale"] if key.startswith("Hires") else FIELD_NOTES.get(key)
+        note = next((n for prefix, n in FIELD_NOTES.items() if key.startswith(prefix)), None)
         parts.append(f"{key}: {value}" + (f" ({note})" if note else ""))
     return ", ".join(parts)

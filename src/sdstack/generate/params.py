@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sdstack.generate.samplers import resolve_sampler
@@ -91,25 +91,6 @@ class GenerationParams:
         return self.batch_size * self.batch_count
 
 
-FIELD_NAMES = {
-    "steps": "steps",
-    "cfg_scale": "cfg_scale",
-    "sampler": "sampler",
-    "schedule_type": "schedule_type",
-    "seed": "seed",
-    "width": "width",
-    "height": "height",
-    "batch_size": "batch_size",
-    "batch_count": "batch_count",
-    "clip_skip": "clip_skip",
-    "emphasis": "emphasis",
-    "denoising_strength": "denoising_strength",
-    "pad_conds": "pad_conds",
-    "init_image": "init_image",
-}
-"""How :func:`check_inputs` names each field; the CLI passes its option names instead."""
-
-
 def _check_size(params: GenerationParams, names: dict[str, str]) -> None:
     for field in ("width", "height"):
         value = check_int(names[field], getattr(params, field), MIN_SIZE, MAX_SIZE)
@@ -137,14 +118,14 @@ def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) 
     Args:
         params: the settings.
         names: field -> the name used in messages (the CLI passes ``--steps`` ...);
-            fields not given keep :data:`FIELD_NAMES`.
+            fields not given are named as the field itself.
 
     Raises:
         GenerationParamsError / SettingError: a value out of range or of the wrong type.
         PromptEncodingError: a prompt that is not valid UTF-8.
         UnknownSamplerError: unknown sampler or schedule type (with suggestions).
     """
-    names = {**FIELD_NAMES, **(names or {})}
+    names = {**{f.name: f.name for f in fields(GenerationParams)}, **(names or {})}
     if not isinstance(params.prompt, str) or not isinstance(params.negative, str):
         raise GenerationParamsError("prompt and negative must be strings")
     check_text(params.prompt)

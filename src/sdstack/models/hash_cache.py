@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sdstack.atomic_files import temporary_file
+from sdstack.atomic_files import replace, temporary_file
 from sdstack.errors import SdstackWarning
 
 CACHE_FILE_NAME = "hashes.json"
@@ -117,7 +117,7 @@ def _write_cache(cache_path: Path, sections: dict[str, dict]) -> None:
     try:
         with temporary_file(cache_path.parent, suffix=".json") as temporary:
             temporary.write_text(payload, encoding="utf-8")
-            os.replace(temporary, cache_path)
+            replace(temporary, cache_path)
     except OSError as error:
         warnings.warn(
             f"could not write the hash cache {cache_path}: {error}; hashes will be "

@@ -87,7 +87,7 @@ def plan_prompt(prompt: str, steps: int, *, negative: bool = False) -> PromptPla
 def reject_network_tags(prompt: str) -> None:
     """Refuse extra-network tags, naming them: LoRA and other networks are not applied yet.
 
-    Same message as ``sdstack.generate.pipeline.reject_network_tags``.
+    Generation, ``GenerationJob.check`` and ``sdstack encode`` all call this one.
 
     Raises:
         PromptNotSupportedError: the prompt holds a tag.

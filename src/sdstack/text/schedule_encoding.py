@@ -11,7 +11,6 @@ interval names one text per part.
 
 from __future__ import annotations
 
-from sdstack.prompt import extract_networks, split_and
 from sdstack.validate import SettingError
 
 SchedulePlan = list[tuple[int, list[tuple[str, float]]]]
@@ -27,18 +26,6 @@ def check_steps(steps: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise SettingError(f"steps must be a positive integer, got {steps!r}")
     return steps
-
-
-def prompt_parts(prompt: str, *, split: bool = True) -> list[tuple[str, float]]:
-    """The weighted texts of a prompt: networks removed and AND split, or ``[(prompt, 1.0)]``.
-
-    ``split=False`` is the reference's treatment of negative prompts: no AND split and
-    network tags kept as literal text.
-    """
-    if not split:
-        return [(prompt, 1.0)]
-    text, _networks = extract_networks(prompt)
-    return split_and(text)
 
 
 def part_schedules(
