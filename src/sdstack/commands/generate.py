@@ -326,8 +326,9 @@ def run_generate(args: argparse.Namespace) -> int:
         components = _load(args, paths, progress)
         if args.from_infotext:
             _note_other_model(job, components)
-        embeddings = _embeddings(paths.embeddings, components)
-        run_job(components, job, progress, save, embeddings)
+        if paths.embeddings is not None:
+            job.embeddings = str(paths.embeddings)  # generate() loads the library
+        run_job(components, job, progress, save)
     return 0
 
 
@@ -355,21 +356,11 @@ def _load(args: argparse.Namespace, paths: Any, progress: JobProgress) -> Any:
     )
 
 
-def _embeddings(folder: Any, components: Any) -> Any:
-    if folder is None:
-        return None
-    from sdstack.text import EmbeddingLibrary
-
-    width = components.text_encoder.get_input_embeddings().embedding_dim
-    return EmbeddingLibrary.from_dir(folder, width=width)
-
-
 def run_job(
     components: Any,
     job: Any,
     progress: JobProgress,
     save: Callable[[Any], Any],
-    embeddings: Any = None,
 ) -> list[Any]:
     """``generate`` with the phase display; ``save(result)`` runs for each image as soon as
     it is decoded (its path printed), so finished images survive a later failure."""
@@ -381,7 +372,6 @@ def run_job(
     return generate(
         components,
         job,
-        embeddings=embeddings,
         callback=progress.on_step,
         on_phase=progress.on_phase,
         on_image=on_image,

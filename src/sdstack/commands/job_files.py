@@ -19,9 +19,10 @@ def resolve_files(args: argparse.Namespace, job: Any) -> Any:
     from sdstack.cli import CommandError
     from sdstack.models.root import open_library, resolve_model_paths
 
+    library = open_library(args.root)
     model = args.model
     if model is None:
-        if open_library(args.root) is None or not (job.model_hash or job.model):
+        if library is None or not (job.model_hash or job.model):
             raise CommandError(
                 "give --model PATH (a checkpoint file or diffusers folder)"
                 + (
@@ -33,7 +34,7 @@ def resolve_files(args: argparse.Namespace, job: Any) -> Any:
         model = job.model_hash or job.model
     vae = args.vae
     if vae is None and job.vae is not None:
-        vae = _infotext_vae(args.root, job)
+        vae = _infotext_vae(library, job)
     paths = resolve_model_paths(args.root, model=model, vae=vae, embeddings=args.embeddings)
     _require(paths.model, "--model", folder_ok=True)
     if paths.vae is not None:
@@ -45,21 +46,22 @@ def resolve_files(args: argparse.Namespace, job: Any) -> Any:
     return paths
 
 
-def _infotext_vae(root: str | None, job: Any) -> str | None:
-    """The infotext's ``VAE`` found under the root, else None, listed as unhonoured."""
+def _infotext_vae(library: Any, job: Any) -> str | None:
+    """The infotext's ``VAE`` found in the root's library (then an existing path, so the
+    root is not searched again), else None, listed as unhonoured."""
     from sdstack.errors import SdstackError
-    from sdstack.models.root import open_library, resolve_model_paths
+    from sdstack.models.root import resolve_path
 
-    if open_library(root) is not None:
-        try:
-            return str(resolve_model_paths(root, model=None, vae=job.vae, embeddings=None).vae)
-        except SdstackError:
-            job.unhonoured["VAE"] = (
-                f"{job.vae} (not found under the root; using the model's own VAE)"
-            )
-            return None
-    job.unhonoured["VAE"] = f"{job.vae} (give --vae or --root to use it; using the model's own VAE)"
-    return None
+    if library is None:
+        job.unhonoured["VAE"] = (
+            f"{job.vae} (give --vae or --root to use it; using the model's own VAE)"
+        )
+        return None
+    try:
+        return str(resolve_path(library, "vae", job.vae))
+    except SdstackError:
+        job.unhonoured["VAE"] = f"{job.vae} (not found under the root; using the model's own VAE)"
+        return None
 
 
 def _require(path: Any, option: str, *, folder_ok: bool = False, file_ok: bool = True) -> None:

@@ -116,15 +116,18 @@ def resolve_model_paths(
         embeddings_folder = next(iter(library.folders["embedding"]), None)
     return ResolvedPaths(
         library,
-        _resolve(library, "checkpoint", model, progress),
-        _resolve(library, "vae", vae, progress),
+        resolve_path(library, "checkpoint", model, progress),
+        resolve_path(library, "vae", vae, progress),
         embeddings_folder,
         library.folders["lora"],
     )
 
 
-def _resolve(
-    library: ModelLibrary, kind: str, text: str | None, progress: hashes.ProgressCallback | None
+def resolve_path(
+    library: ModelLibrary,
+    kind: str,
+    text: str | None,
+    progress: hashes.ProgressCallback | None = None,
 ) -> Path | None:
     """An existing path as given (see ``_explicit``), else ``find_model(...).path``."""
     if text is None:
