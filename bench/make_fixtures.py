@@ -90,7 +90,7 @@ def ldm_shapes(unet_config: dict, vae_config: dict, text_config: dict) -> dict[s
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdstack.models.assemble import build_meta
-    from sdstack.models.ldm_keys import (
+    from sdstack.models.key_map.ldm import (
         TEXT_PREFIX,
         UNET_PREFIX,
         VAE_PREFIX,

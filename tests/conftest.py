@@ -38,7 +38,7 @@ def tiny_components():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_components, tmp_path_factory):
     """The tiny model as an LDM single file plus a config folder for its shapes."""
-    from sdstack.models.ldm_keys import save_single_file
+    from sdstack.models.ldm_file import save_single_file
 
     folder = tmp_path_factory.mktemp("tiny-model")
     checkpoint = folder / "tiny-model.safetensors"

@@ -168,7 +168,7 @@ def test_concurrent_publish_new_has_one_winner(tmp_path, monkeypatch, hard_links
 
 
 def test_save_single_file_gets_the_umask_mode(tmp_path, umask, tiny_components):
-    from sdstack.models.ldm_keys import save_single_file
+    from sdstack.models.ldm_file import save_single_file
 
     umask(0o027)
     checkpoint = tmp_path / "model.safetensors"
@@ -181,7 +181,7 @@ def test_save_single_file_never_overwrites_its_source(tmp_path, tiny_components)
     import dataclasses
 
     from sdstack.models.detect import CheckpointError
-    from sdstack.models.ldm_keys import save_single_file
+    from sdstack.models.ldm_file import save_single_file
 
     checkpoint = tmp_path / "model.safetensors"
     save_single_file(tiny_components, checkpoint)

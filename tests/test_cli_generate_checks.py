@@ -198,7 +198,9 @@ def test_python_dash_m_sdstack():
     [
         ("(a:1" + "0" * 400 + ")", "is out of range: weights must be finite numbers in [-1000,"),
         ("a cat AND a dog :" + "9" * 400, "out of range"),
-        ("<lora:film:0.8> a cat", "extra-network tag(s) <lora:film>"),
+        ("<lora:film:0.8> a cat", "no LoRA named 'film' (no LoRA folder: give --root with"),
+        ("<hypernet:film:0.8> a cat", "extra-network tag(s) <hypernet:film>: only <lora:"),
+        ("<lora:film:1:lbw=MIDDLE> a cat", "<lora:film:1:lbw=MIDDLE>: lbw='MIDDLE': not a"),
         ("a \udcff cat", "prompt is not valid UTF-8"),
         ("(" * 101 + "a", "nested more than 100 deep"),
     ],

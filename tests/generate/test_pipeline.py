@@ -105,8 +105,11 @@ def test_size_must_be_multiple_of_8(tiny_components):
         run(tiny_components, width=100)
 
 
-def test_lora_tag_is_refused(tiny_components):
-    with pytest.raises(ValueError, match=r"extra-network tag\(s\) <lora:detail>: LoRA"):
+def test_other_network_tags_are_refused_and_missing_loras_named(tiny_components, monkeypatch):
+    monkeypatch.delenv("SDSTACK_ROOT", raising=False)
+    with pytest.raises(ValueError, match=r"extra-network tag\(s\) <hypernet:x>: only <lora"):
+        run(tiny_components, prompt="a cat <hypernet:x:0.8>")
+    with pytest.raises(ValueError, match=r"^no LoRA named 'detail' \(no LoRA folder: give"):
         run(tiny_components, prompt="a cat <lora:detail:0.8>")
 
 

@@ -269,7 +269,7 @@ def test_tiny_checkpoint_against_the_packaged_configs_suggests_config_dir(
     tiny_components, tmp_path
 ):
     from sdstack.models.detect import CONFIG_DIR_HINT
-    from sdstack.models.ldm_keys import save_single_file
+    from sdstack.models.ldm_file import save_single_file
 
     checkpoint = tmp_path / "tiny.safetensors"
     save_single_file(tiny_components, checkpoint)
@@ -287,7 +287,7 @@ def test_shapes_that_differ_from_config_dir_are_named_before_any_tensor_is_read(
     tiny_components, tmp_path, monkeypatch
 ):
     from sdstack.models import single_file
-    from sdstack.models.ldm_keys import save_single_file
+    from sdstack.models.ldm_file import save_single_file
     from sdstack.models.tiny import TINY_UNET_CONFIG
 
     checkpoint = tmp_path / "tiny.safetensors"

@@ -558,7 +558,7 @@ def test_config_with_huge_layer_counts_is_refused_before_building(tmp_path):
 def test_load_model_reports_progress_in_tensors(tiny_components, tmp_path):
     from safetensors import safe_open
 
-    from sdstack.models.ldm_keys import save_single_file
+    from sdstack.models.ldm_file import save_single_file
     from tests.models.test_loading import assert_same_tensors, write_config_folder
 
     checkpoint = tmp_path / "tiny.safetensors"
@@ -607,7 +607,7 @@ def test_folder_load_reports_progress_in_tensors(tiny_components, tmp_path):
 def test_integer_weights_are_refused(tiny_components, tmp_path, key, message):
     from safetensors.torch import save_file
 
-    from sdstack.models.ldm_keys import to_ldm_state_dict
+    from sdstack.models.ldm_file import to_ldm_state_dict
     from tests.models.test_loading import write_config_folder
 
     state = {k: v.contiguous() for k, v in to_ldm_state_dict(tiny_components).items()}

@@ -1,12 +1,24 @@
-"""The LDM <-> diffusers key map on the real SD1.5 architecture (built on meta from the
-packaged configs), checked against diffusers' own single-file converters."""
+"""The one key map of SD1.x, checked against the real SD1.5 key lists in ``data/``.
+
+``data/sd15_checkpoint_keys.txt`` is every tensor key (with shape) of the SD1.5 single-file
+checkpoint and ``data/sd1_kohya_lora_modules.txt`` every module of a standard kohya SD1
+LoRA, both copied from public projects (sources in their headers). Also: the LDM <-> diffusers
+module tables checked against diffusers' own single-file converters. Blocks and the tiny
+models' maps: test_key_map_blocks.py.
+"""
 
 from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
-from sdstack.models.ldm_keys import (
+from sdstack.errors import SdstackError
+from sdstack.models.key_map import LBW_BLOCKS, KeyMapError, UnknownLayerError, sd1_key_map
+from sdstack.models.key_map.ldm import (
+    TEXT_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     expand_key_map,
@@ -14,6 +26,32 @@ from sdstack.models.ldm_keys import (
     unet_module_table,
     vae_key_map,
 )
+
+DATA = Path(__file__).parent / "data"
+
+
+def _data_lines(name: str) -> list[str]:
+    text = (DATA / name).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def _real_checkpoint() -> dict[str, tuple[int, ...]]:
+    """LDM key -> shape of the real SD1.5 checkpoint."""
+    shapes = {}
+    for line in _data_lines("sd15_checkpoint_keys.txt"):
+        key, shape = line.split(" ")
+        shapes[key] = tuple(int(n) for n in shape.split(","))
+    return shapes
+
+
+REAL = _real_checkpoint()
+KOHYA = _data_lines("sd1_kohya_lora_modules.txt")
+POSITION_IDS = TEXT_PREFIX + "text_model.embeddings.position_ids"  # a buffer, rebuilt on load
+
+
+@pytest.fixture(scope="module")
+def key_map():
+    return sd1_key_map()
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +165,177 @@ def test_unknown_module_is_an_error(sd15):
     expected = r"key map: no LDM module for diffusers key 'add_embedding"
     with pytest.raises(ValueError, match=expected):
         expand_key_map(["add_embedding.linear_1.weight"], table)
+
+
+# --- the real SD1.5 checkpoint key list ------------------------------------------------
+
+
+def test_real_list_holds_the_whole_sd15_checkpoint():
+    prefixes = Counter(key.split(".")[0] for key in REAL)
+    assert prefixes == {"model": 686, "first_stage_model": 248, "cond_stage_model": 197}
+
+
+@pytest.mark.parametrize(
+    ("component", "prefix", "count"),
+    [("unet", UNET_PREFIX, 686), ("vae", VAE_PREFIX, 248), ("text_encoder", TEXT_PREFIX, 196)],
+)
+def test_parameter_counts_match_the_real_checkpoint(key_map, component, prefix, count):
+    params = sum(len(layer.params) for layer in key_map.component(component))
+    real = [key for key in REAL if key.startswith(prefix) and key != POSITION_IDS]
+    assert params == len(real) == count
+
+
+def test_every_real_tensor_key_is_exactly_one_layer_parameter_and_back(key_map):
+    found = {}
+    for key, shape in REAL.items():
+        if key == POSITION_IDS:
+            continue
+        hit = key_map.find_tensor(key)
+        assert hit is not None, key
+        layer, leaf = hit
+        assert f"{layer.ldm}.{leaf}" == key
+        assert layer.ldm_shape(leaf) == shape, key
+        found[(layer.key, leaf)] = key
+    every_param = {(layer.key, leaf) for layer in key_map for leaf in layer.param_names}
+    assert set(found) == every_param
+    assert len(found) == len(REAL) - 1 == 1130
+
+
+def test_vae_attention_projections_are_the_only_1x1_reshapes(key_map):
+    squeezed = [layer for layer in key_map if layer.conv1x1]
+    assert len(squeezed) == 8
+    for layer in squeezed:
+        assert REAL[layer.ldm + ".weight"] == (*layer.shape("weight"), 1, 1) == (512, 512, 1, 1)
+        assert layer.kind == "linear" and layer.component == "vae"
+
+
+def test_position_ids_and_foreign_keys_are_no_layer(key_map):
+    assert key_map.find_tensor(POSITION_IDS) is None
+    assert key_map.find_tensor("model.diffusion_model.input_blocks.0.0.scale") is None
+    assert key_map.find_tensor("alphas_cumprod") is None
+
+
+# --- the real kohya LoRA module list ---------------------------------------------------
+
+
+def test_every_real_kohya_lora_module_is_found(key_map):
+    layers = [key_map.find(name) for name in KOHYA]
+    assert [name for name, layer in zip(KOHYA, layers, strict=True) if layer is None] == []
+    assert [layer.kohya for layer in layers] == KOHYA
+    assert len(set(layers)) == len(KOHYA) == 264
+    assert Counter(layer.component for layer in layers) == {"text_encoder": 72, "unet": 192}
+    # networks.lora targets the Linear and 1x1 Conv2d layers of each transformer block.
+    for layer in layers:
+        shape = layer.shape("weight")
+        assert layer.kind == "linear" or (layer.kind == "conv" and shape[2:] == (1, 1))
+
+
+def test_kohya_unet_modules_fill_the_16_lbw_transformer_blocks(key_map):
+    unet = [key_map.find(name) for name in KOHYA if name.startswith("lora_unet_")]
+    assert Counter(layer.lbw_block for layer in unet) == {block: 12 for block in LBW_BLOCKS[1:]}
+    text = [key_map.find(name) for name in KOHYA if name.startswith("lora_te_")]
+    assert {(layer.block, layer.lbw_index) for layer in text} == {("BASE", 0)}
+
+
+# --- names in every scheme, and find() -------------------------------------------------
+
+
+def test_one_unet_layer_in_every_scheme(key_map):
+    layer = key_map["unet:down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert layer.module == "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert layer.ldm == "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    assert layer.kohya == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert layer.compvis == "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    assert layer.webui == "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    assert layer.peft == "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert (layer.params, layer.kind, layer.block) == ((("weight", (320, 320)),), "linear", "IN01")
+    assert (layer.lbw_block, layer.lbw_index, layer.conv1x1) == ("IN01", 1, False)
+
+
+def test_one_text_encoder_and_one_vae_layer_in_every_scheme(key_map):
+    text = key_map["text_encoder:text_model.encoder.layers.0.self_attn.q_proj"]
+    assert text.ldm == "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    assert text.kohya == text.compvis == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert text.webui == "transformer_text_model_encoder_layers_0_self_attn_q_proj"
+    assert text.peft == "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    assert text.params == (("weight", (768, 768)), ("bias", (768,)))
+    vae = key_map["vae:decoder.mid_block.attentions.0.to_out.0"]
+    assert (vae.ldm, vae.conv1x1) == ("first_stage_model.decoder.mid.attn_1.proj_out", True)
+    assert (vae.kohya, vae.peft) == (
+        "lora_vae_decoder_mid_block_attentions_0_to_out_0",
+        "vae.decoder.mid_block.attentions.0.to_out.0",
+    )
+    assert (vae.block, vae.ldm_shape("weight"), vae.ldm_shape("bias")) == (
+        "BASE",
+        (512, 512, 1, 1),
+        (512,),
+    )
+
+
+def test_find_round_trips_every_name_of_every_layer(key_map):
+    for layer in key_map:
+        names = set(layer.aliases())
+        schemes = {layer.key, layer.module, layer.ldm, layer.kohya, layer.compvis}
+        assert {*schemes, layer.webui, layer.peft} <= names
+        assert all(key_map.find(name) is layer for name in names), layer.key
+        assert key_map[layer.key] is layer
+    assert len(key_map) == 614
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "text_encoder:text_model.encoder.layers.3.mlp.fc2",
+        "text_encoder:encoder.layers.3.mlp.fc2",
+        "text_encoder.text_model.encoder.layers.3.mlp.fc2",
+        "text_encoder.encoder.layers.3.mlp.fc2",
+        "lora_te_text_model_encoder_layers_3_mlp_fc2",
+        "transformer_text_model_encoder_layers_3_mlp_fc2",
+        "cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc2",
+        "cond_stage_model.transformer.encoder.layers.3.mlp.fc2",
+        "text_model.encoder.layers.3.mlp.fc2",
+        "encoder.layers.3.mlp.fc2",
+    ],
+)
+def test_text_encoder_spellings_with_and_without_text_model(key_map, name):
+    assert key_map.find(name).key == "text_encoder:text_model.encoder.layers.3.mlp.fc2"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",  # SDXL
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",  # a tensor, not a layer
+        "unet:down_blocks.0",  # a container, not a layer
+        "",
+    ],
+)
+def test_find_misses_are_none(key_map, name):
+    assert key_map.find(name) is None
+
+
+def test_unknown_layer_key_is_a_key_error_naming_the_nearest(key_map):
+    with pytest.raises(UnknownLayerError) as caught:
+        key_map["unet:conv_inn"]
+    assert isinstance(caught.value, KeyError) and isinstance(caught.value, SdstackError)
+    assert str(caught.value).startswith(
+        "layer 'unet:conv_inn': not in this key map; expected a layer key "
+        "'<component>:<module>' such as 'unet:conv_in'; did you mean 'unet:conv_in'"
+    )
+
+
+def test_unknown_component_is_an_error(key_map):
+    with pytest.raises(KeyMapError, match=r"^component 'clip': expected one of unet, text_enc"):
+        key_map.component("clip")
+
+
+def test_importing_the_key_map_does_not_import_torch():
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, sdstack.models.key_map; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, check=True
+    )
+    assert out.stdout.strip() == "False"

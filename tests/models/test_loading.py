@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sdstack.models import CheckpointError, load_model
-from sdstack.models.ldm_keys import VAE_PREFIX, save_single_file, to_ldm_state_dict, vae_key_map
+from sdstack.models.key_map.ldm import VAE_PREFIX, vae_key_map
+from sdstack.models.ldm_file import save_single_file, to_ldm_state_dict
 from sdstack.prompt.tokenizer import tokenizer_dir
 
 PACKAGED_SCHEDULER = (

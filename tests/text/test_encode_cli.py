@@ -190,8 +190,8 @@ def _refused(tmp_path, capsys, model_dir, *argv):
         ),
         (
             ["<lora:film:0.6> a cat"],
-            "prompt contains extra-network tag(s) <lora:film>: LoRA/extra networks are not "
-            "supported yet; remove the tag(s) from the prompt",
+            "prompt contains extra-network tag(s) <lora:film>: a prompt_embeds file is made "
+            "without LoRAs; remove the tag(s), or use `sdstack generate`, which applies them",
         ),
         (["a", "--steps", "1000000000"], "--steps must be between 1 and 1000, got 1000000000"),
         (

@@ -174,10 +174,10 @@ def write_conditioning(out: Path, tensors: dict[str, Any], metadata: dict[str, s
 def encoded_texts(prompt: str, negative: str, steps: int) -> tuple[str, str]:
     """The one text ``sdstack generate`` would encode at every step, for prompt and negative.
 
-    Same reading as generate (``sdstack.prompt.plan.plan_prompt``): network tags are
-    refused, the prompt is split on AND, and each text is scheduled over ``steps``. A
-    ``prompt_embeds`` file holds one text with no AND weight, so anything else is refused,
-    naming what was found and what to do instead.
+    Same reading as generate (``sdstack.prompt.plan.plan_prompt``), except that network
+    tags are refused (encode applies no LoRA): the prompt is split on AND, and each text
+    is scheduled over ``steps``. A ``prompt_embeds`` file holds one text with no AND
+    weight, so anything else is refused, naming what was found and what to do instead.
 
     Raises:
         PromptNotSupportedError: network tags; several AND parts or an AND weight other
@@ -189,7 +189,11 @@ def encoded_texts(prompt: str, negative: str, steps: int) -> tuple[str, str]:
 
     plan = plan_prompt(prompt, steps)
     if plan.networks:
-        reject_network_tags(prompt)
+        reject_network_tags(
+            prompt,
+            "a prompt_embeds file is made without LoRAs; remove the tag(s), or use "
+            "`sdstack generate`, which applies them",
+        )
     if len(plan.parts) > 1:
         shown = ", ".join(repr(shorten(part.text)) for part in plan.parts[:3])
         more = ", ..." if len(plan.parts) > 3 else ""

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from sdstack.commands.lora_options import add_lora_options, apply_lora_options, find_job_loras
 from sdstack.commands.progress import JobProgress
 
 # argparse dest -> GenerationParams field; None means "not given" (infotext may set it).
@@ -47,10 +48,12 @@ PARAM_FLAGS = {
 }
 
 
-def _clip_skip(text: str) -> float:
-    """``--clip-skip`` values: "2" -> 2, "1.5" -> 1.5."""
+def _clip_skip(text: str) -> float | str:
+    """``--clip-skip`` values: "2" -> 2, "1.5" -> 1.5, "auto"."""
     from sdstack.generate.infotext import read_number
 
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         return read_number(text)
     except ValueError as error:
@@ -92,6 +95,7 @@ def _add_generate(subparsers: Any) -> None:
         "name or hash and embeddings/ without --embeddings (default: $SDSTACK_ROOT)",
     )
     _add_sampling_options(parser)
+    add_lora_options(parser)
     parser.add_argument("--embeddings", default=None, help="folder of textual-inversion files")
     parser.add_argument("--vae", default=None, help="separate VAE file (or a name with --root)")
     parser.add_argument(
@@ -182,7 +186,8 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
         type=_clip_skip,
         default=None,
         help="reference Clip skip, 1 = last layer; fractional values such as 1.5 blend two "
-        "layers (default: 1)",
+        "layers; auto = what the active LoRAs were trained with when they agree, else 1 "
+        "(default: 1)",
     )
     parser.add_argument(
         "--emphasis", default=None, help="original, no-norm, ignore or comfy (default: original)"
@@ -278,6 +283,7 @@ def build_job(args: argparse.Namespace) -> Any:
         )
     else:
         job = GenerationJob(GenerationParams(**explicit))
+    apply_lora_options(args, job)
     job.check(option_names(explicit, bool(args.from_infotext)))
     return job
 
@@ -311,6 +317,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # 1. Check settings, files and the output folder before anything heavy.
     job = build_job(args)
     paths = resolve_files(args, job)
+    loras = find_job_loras(job, paths.library)
     check_output_folder(args.out)
     _check_device(args)
     if job.unhonoured:
@@ -328,7 +335,7 @@ def run_generate(args: argparse.Namespace) -> int:
             _note_other_model(job, components)
         if paths.embeddings is not None:
             job.embeddings = str(paths.embeddings)  # generate() loads the library
-        run_job(components, job, progress, save)
+        run_job(components, job, progress, save, loras=loras)
     return 0
 
 
@@ -361,6 +368,8 @@ def run_job(
     job: Any,
     progress: JobProgress,
     save: Callable[[Any], Any],
+    *,
+    loras: Any = None,
 ) -> list[Any]:
     """``generate`` with the phase display; ``save(result)`` runs for each image as soon as
     it is decoded (its path printed), so finished images survive a later failure."""
@@ -375,4 +384,5 @@ def run_job(
         callback=progress.on_step,
         on_phase=progress.on_phase,
         on_image=on_image,
+        loras=loras,
     )

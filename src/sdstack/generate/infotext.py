@@ -234,8 +234,11 @@ def generation_fields(
     components: Any,
     embeddings: Mapping[str, Any] | None = None,
     used_embeddings: Iterable[str] = (),
+    loras: Any = None,
 ) -> dict[str, Any]:
     """The infotext fields of a job (``Seed`` is the job's base; set it per image).
+
+    ``loras`` (the applied ``sdstack.lora.LoraStack``) gives ``Lora hashes``.
 
     Model hash: ``short_hash`` of ``components.path`` when it is a file (omitted for
     folders and in-memory models); ``VAE hash``/``VAE`` for a separate VAE file;
@@ -264,12 +267,20 @@ def generation_fields(
         "VAE hash": file_short_hash(vae_path),
         "VAE": Path(vae_path).name if vae_path is not None else None,
         "Denoising strength": params.denoising_strength if params.is_img2img else None,
-        "Clip skip": plain_number(params.clip_skip) if params.clip_skip > 1 else None,
+        "Clip skip": _clip_skip_field(params.clip_skip),
         "RNG": "CPU",
+        "Lora hashes": loras.hashes_field() if loras is not None else None,
         "TI hashes": ti_hashes(used_embeddings, embeddings),
         "Emphasis": emphasis,
         "Version": f"sdstack {__version__}",
     }
+
+
+def _clip_skip_field(clip_skip: Any) -> str | None:
+    """``Clip skip`` when > 1 (the reference omits 1); ``auto`` not yet resolved -> None."""
+    if isinstance(clip_skip, str) or clip_skip <= 1:
+        return None
+    return plain_number(clip_skip)
 
 
 def params_from_infotext(info: Mapping[str, str]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from sdstack.generate.params import GenerationParams, check_inputs
-from sdstack.prompt.plan import reject_network_tags
 
 HONOURED_FIELDS = frozenset(
     {
@@ -37,6 +36,7 @@ HONOURED_FIELDS = frozenset(
         "Model hash",
         "VAE",
         "VAE hash",
+        "Lora hashes",
     }
 )
 """Infotext fields that set part of a job."""
@@ -46,7 +46,6 @@ FIELD_NOTES = {
     "RNG": "sdstack draws noise on the CPU (RNG: CPU), so the picture will differ",
     "Denoising strength": "used only with an init image (img2img); hires fix is not supported",
     "Hires": "hires fix is not supported",
-    "Lora hashes": "LoRAs are not applied yet",
 }
 """Why a field is not applied, by field-name prefix ("Hires" covers every hires field)."""
 
@@ -60,7 +59,12 @@ class GenerationJob:
         model: the checkpoint: a path, or a name or hash to find under a web-UI root.
         vae: a separate VAE (path or name), or None for the checkpoint's own.
         embeddings: a folder of textual-inversion files, or None.
-        networks: extra networks (LoRAs) to apply; reserved for the LoRA issue, empty.
+        networks: LoRAs applied after the prompt's ``<lora:...>`` tags (``--lora``):
+            ``sdstack.lora.LoraSpec`` or ``(file_or_name, w[, unet_w])`` entries.
+        lora_dirs: folders searched for LoRA names after the root's models/Lora and
+            models/LyCORIS (``--lora-dir``).
+        lora_hashes: LoRA name -> short hash, from an infotext's ``Lora hashes`` (a name
+            that no file has is then looked up by its hash).
         model_hash: the ``Model hash`` an infotext named (to find or check the model).
         unhonoured: infotext fields this job cannot apply, field -> value; the CLI
             prints them, a caller can refuse to run.
@@ -71,19 +75,28 @@ class GenerationJob:
     vae: str | None = None
     embeddings: str | None = None
     networks: tuple[Any, ...] = ()
+    lora_dirs: tuple[str, ...] = ()
+    lora_hashes: dict[str, str] = field(default_factory=dict)
     model_hash: str | None = None
     unhonoured: dict[str, str] = field(default_factory=dict)
 
     def check(self, names: Mapping[str, str] | None = None) -> None:
-        """Every setting checked (see :func:`check_inputs`), network tags refused.
+        """Every setting checked (see :func:`check_inputs`), the LoRA stack read.
 
         Raises:
             SettingError, UnknownSamplerError: a bad setting.
             PromptSyntaxError, PromptLimitError, PromptNotSupportedError: a bad prompt.
+            LoraSpecError, BlockWeightError: a LoRA multiplier or ``lbw=`` out of range.
         """
         check_inputs(self.params, dict(names or {}))
-        reject_network_tags(self.params.prompt)
+        self.lora_specs()
         check_prompt_texts(self.params)
+
+    def lora_specs(self) -> list[Any]:
+        """The job's LoRA stack: the prompt's tags, then ``networks`` (``LoraSpec`` list)."""
+        from sdstack.lora.job_stack import job_lora_specs
+
+        return job_lora_specs(self.params.prompt, self.networks)
 
     def replace(self, **settings: Any) -> GenerationJob:
         """A copy with some :class:`GenerationParams` fields changed (grids use this)."""
@@ -105,6 +118,7 @@ class GenerationJob:
             model=info.get("Model"),
             vae=info.get("VAE"),
             model_hash=info.get("Model hash"),
+            lora_hashes=parse_lora_hashes(info.get("Lora hashes", "")),
             unhonoured=unhonoured_fields(info, img2img=values.get("init_image") is not None),
         )
 
@@ -152,6 +166,20 @@ def check_prompt_texts(params: GenerationParams) -> None:
     for text, negative in ((params.prompt, False), (params.negative, True)):
         for scheduled in plan_prompt(text, steps, negative=negative).texts():
             parse_attention(scheduled)
+
+
+def parse_lora_hashes(value: str) -> dict[str, str]:
+    """``"name1: abcdef123456, name2: 0123456789ab"`` -> ``{"name1": "abcdef123456", ...}``.
+
+    Entries that are not ``name: hex`` are left out (the field is informational).
+    """
+    found = {}
+    for entry in value.split(","):
+        name, _, digest = entry.rpartition(":")
+        digest = digest.strip().lower()
+        if name.strip() and digest and all(c in "0123456789abcdef" for c in digest):
+            found[name.strip()] = digest
+    return found
 
 
 def _file_refs(model: str | None, vae: str | None) -> SimpleNamespace:

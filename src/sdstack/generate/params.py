@@ -53,7 +53,9 @@ class GenerationParams:
         batch_size: images denoised together per UNet call.
         batch_count: batches run one after another.
         clip_skip: reference "Clip skip" (1 = last layer, up to 12 on SD1.x); a fractional
-            value blends the two neighbouring layers (see ``sdstack.text.clip_skip``).
+            value blends the two neighbouring layers (see ``sdstack.text.clip_skip``);
+            ``"auto"``: the clip skip the active LoRAs were trained with when they agree,
+            else 1 (see ``sdstack.lora.trained_clip_skip``).
         emphasis: "original", "no-norm", "ignore" or "comfy".
         init_image: a PIL image for img2img (resized to width x height), or None.
         denoising_strength: img2img strength in [0, 1]; ignored for txt2img.
@@ -74,7 +76,7 @@ class GenerationParams:
     height: int = 512
     batch_size: int = 1
     batch_count: int = 1
-    clip_skip: float = 1
+    clip_skip: float | str = 1
     emphasis: str = "original"
     init_image: Any = None
     denoising_strength: float = 0.75
@@ -89,6 +91,10 @@ class GenerationParams:
     def n_images(self) -> int:
         """Images the job makes: ``batch_size * batch_count``."""
         return self.batch_size * self.batch_count
+
+
+AUTO_CLIP_SKIP = "auto"
+"""``clip_skip="auto"``: decided at generation from the active LoRAs' metadata."""
 
 
 def _check_size(params: GenerationParams, names: dict[str, str]) -> None:
@@ -138,7 +144,8 @@ def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) 
     _check_size(params, names)
     check_int(names["batch_size"], params.batch_size, 1, MAX_BATCH_SIZE)
     check_int(names["batch_count"], params.batch_count, 1, MAX_BATCH_COUNT)
-    check_clip_skip(params.clip_skip, name=names["clip_skip"])
+    if params.clip_skip != AUTO_CLIP_SKIP:
+        check_clip_skip(params.clip_skip, name=names["clip_skip"])
     check_emphasis(params.emphasis, names["emphasis"])
     check_number(names["denoising_strength"], params.denoising_strength, 0.0, 1.0)
     check_bool(names["pad_conds"], params.pad_conds)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,6 @@ from sdstack.generate.latents import (
 )
 from sdstack.generate.params import MAX_SEED, GenerationParams, check_inputs
 from sdstack.generate.samplers import SamplerSpec, make_scheduler, resolve_sampler
-from sdstack.prompt.plan import reject_network_tags
 from sdstack.validate import check_emphasis
 
 __all__ = [
@@ -47,12 +46,12 @@ __all__ = [
     "image_noise",
     "img2img_start",
     "prepare",
-    "reject_network_tags",
     "sample",
 ]
 
 PhaseCallback = Callable[[str], None]
-"""``on_phase(name)`` when a phase starts: "encoding", "sampling", "decoding"."""
+"""``on_phase(name)`` when a phase starts: "loras" (when the job has any), "encoding",
+"sampling", "decoding"."""
 
 
 @dataclass
@@ -78,6 +77,9 @@ class PreparedJob:
         start, steps_run: the first step index and the number of steps run.
         fields: the infotext fields (``Seed`` set per image).
         calls_per_batch: denoiser calls one batch makes.
+        loras: the LoRA stack the model carries (``sdstack.lora.LoraStack``) or None.
+        infotext_prompt: the prompt the infotext writes (with tags for LoRAs that are
+            not tags of the prompt).
     """
 
     components: Any
@@ -90,13 +92,16 @@ class PreparedJob:
     steps_run: int
     fields: dict[str, Any]
     calls_per_batch: int
+    loras: Any = None
+    infotext_prompt: str | None = None
 
     def infotext(self, seed: int) -> str:
         """The reference infotext of the image made with ``seed``."""
         fields = {**self.fields, "Seed": seed}
         if self.denoiser.padded:
             fields["Pad conds"] = True  # reference: only when some call was padded
-        return build_infotext(self.params.prompt, self.params.negative, fields)
+        prompt = self.params.prompt if self.infotext_prompt is None else self.infotext_prompt
+        return build_infotext(prompt, self.params.negative, fields)
 
 
 @torch.inference_mode()
@@ -106,20 +111,32 @@ def prepare(
     *,
     embeddings: Any = None,
     hooks: Sequence[UNetHook] = (),
+    loras: Any = None,
+    networks: Sequence[Any] = (),
+    lora_hashes: Mapping[str, str] | None = None,
 ) -> PreparedJob:
-    """Check ``params`` and encode the prompt, negative and init image once.
+    """Check ``params``, apply its LoRA stack, encode the prompt, negative and init image.
 
-    Prompt schedules (``[a:b:when]``, ``[a|b]``) are resolved over ``steps``, or
-    ``2 * steps`` for the second-order samplers (Heun, DPM2, DPM2 a, DPM++ SDE) as the
-    reference does. The empty prompt is encoded only with ``pad_conds``.
+    LoRAs: the prompt's ``<lora:...>`` tags, then ``networks``, found in ``loras`` (a
+    ``LoraLibrary``; default: ``$SDSTACK_ROOT``'s LoRA folders), by name, then by the
+    hash ``lora_hashes`` gives the name; applied through the model's patcher (see
+    ``sdstack.lora.job_stack``). Prompt schedules (``[a:b:when]``, ``[a|b]``) are resolved
+    over ``steps``, or ``2 * steps`` for the second-order samplers (Heun, DPM2, DPM2 a,
+    DPM++ SDE) as the reference does. The empty prompt is encoded only with ``pad_conds``.
 
     Raises:
         SettingError, UnknownSamplerError, SamplerUnavailableError: bad settings.
-        GenerationParamsError: extra-network tags in the prompt.
+        PromptNotSupportedError: extra-network tags other than LoRA.
+        LoraNotFoundError, LoraFileError: a LoRA that cannot be found or used.
     """
-    # 1. Check inputs; canonical names for the infotext.
+    from sdstack.lora.job_stack import infotext_prompt, prepare_job_loras, with_bundled_embeddings
+
+    # 1. Check inputs; apply the LoRA stack; canonical names for the infotext.
     check_inputs(params)
-    reject_network_tags(params.prompt)
+    params, stack = prepare_job_loras(
+        components, params, networks=networks, hashes=lora_hashes, library=loras
+    )
+    embeddings = with_bundled_embeddings(embeddings, stack)
     spec, schedule_type = resolve_sampler(params.sampler, params.schedule_type)
     params = dataclasses.replace(
         params,
@@ -138,12 +155,12 @@ def prepare(
         )
     used = _used_embeddings(denoiser)
     fields = generation_fields(
-        params, components=components, embeddings=embeddings, used_embeddings=used
+        params, components=components, embeddings=embeddings, used_embeddings=used, loras=stack
     )
     calls = len(_timesteps(scheduler, params.steps, start))
     return PreparedJob(
         components, params, spec, schedule_type, denoiser, init_latents, start, steps_run,
-        fields, calls,
+        fields, calls, stack, infotext_prompt(params.prompt, stack),
     )  # fmt: skip
 
 
@@ -264,6 +281,7 @@ def generate(
     on_phase: PhaseCallback | None = None,
     cancel: Any = None,
     on_image: Callable[[GeneratedImage], None] | None = None,
+    loras: Any = None,
 ) -> list[GeneratedImage]:
     """Reference txt2img/img2img: ``batch_count`` batches of ``batch_size`` images.
 
@@ -280,12 +298,16 @@ def generate(
         embeddings: an ``EmbeddingLibrary`` for textual-inversion names in prompts.
         hooks: functions run before every UNet call (see ``sdstack.generate.hooks``).
         callback: receives a :class:`StepRecord` after every denoiser call.
-        on_phase: ``on_phase(name)`` as "encoding", "sampling" (each batch) and
+        on_phase: ``on_phase(name)`` as "loras", "encoding", "sampling" (each batch) and
             "decoding" (each batch) start.
         cancel: ``threading.Event``-like or callable; checked before every denoiser call.
         on_image: ``on_image(result)`` for each image as soon as it is decoded, before the
             next batch starts (so a caller can save it: a later failure or cancellation
             then loses nothing already made).
+        loras: a ``sdstack.lora.LoraLibrary`` where LoRA names are found (default: the
+            job's ``lora_dirs`` after ``$SDSTACK_ROOT``'s LoRA folders). The job's stack
+            (prompt tags, then ``job.networks``) is applied, replacing the stack of an
+            earlier job; it stays applied after the job (the next job switches it).
 
     Returns:
         One :class:`GeneratedImage` per image, in seed order.
@@ -298,9 +320,19 @@ def generate(
     if embeddings is None and isinstance(job, GenerationJob) and job.embeddings is not None:
         embeddings = _embedding_library(components, job.embeddings)
     phase = on_phase or (lambda _name: None)
-    # 1. Check and encode.
+    # 1. Apply the LoRAs, check and encode.
+    lora_options: dict[str, Any] = {"loras": loras}
+    if isinstance(job, GenerationJob):
+        lora_options.update(networks=job.networks, lora_hashes=job.lora_hashes)
+        if loras is None and job.lora_dirs:
+            lora_options["loras"] = _lora_library(job.lora_dirs)
+    from sdstack.lora.job_stack import job_lora_specs, prepare_job_loras
+
+    if job_lora_specs(params.prompt, lora_options.get("networks", ())):
+        phase("loras")  # reading and applying them can take seconds; then cheap in prepare
+        prepare_job_loras(components, params, **_job_lora_arguments(lora_options))
     phase("encoding")
-    prepared = prepare(components, params, embeddings=embeddings, hooks=hooks)
+    prepared = prepare(components, params, embeddings=embeddings, hooks=hooks, **lora_options)
     seed = params.seed if params.seed != -1 else random.randrange(MAX_SEED)
     # 2. Sample, decode and hand over batch by batch.
     results: list[GeneratedImage] = []
@@ -323,6 +355,22 @@ def generate(
             if on_image is not None:
                 on_image(result)
     return results
+
+
+def _job_lora_arguments(options: dict[str, Any]) -> dict[str, Any]:
+    """``prepare``'s LoRA keyword arguments -> ``prepare_job_loras``'s."""
+    return {
+        "networks": options.get("networks", ()),
+        "hashes": options.get("lora_hashes"),
+        "library": options.get("loras"),
+    }
+
+
+def _lora_library(folders: Sequence[str]) -> Any:
+    from sdstack.lora.library import LoraLibrary
+    from sdstack.models.root import open_library
+
+    return LoraLibrary(open_library(None), folders)
 
 
 def _embedding_library(components: Any, folder: str) -> Any:

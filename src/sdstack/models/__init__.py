@@ -14,8 +14,8 @@ from sdstack.models.detect import CheckpointError
 
 _LAZY = {
     "load_model": "sdstack.models.loading",
-    "to_ldm_state_dict": "sdstack.models.ldm_keys",
-    "save_single_file": "sdstack.models.ldm_keys",
+    "to_ldm_state_dict": "sdstack.models.ldm_file",
+    "save_single_file": "sdstack.models.ldm_file",
     "file_sha256": "sdstack.models.hashes",
     "short_hash": "sdstack.models.hashes",
     "legacy_model_hash": "sdstack.models.hashes",

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from sdstack.models.detect import CheckpointError, missing_keys_error, name_list
-from sdstack.models.ldm_keys import KeyRow
+from sdstack.models.key_map.ldm import KeyRow
 from sdstack.models.single_file import TensorFile
 from sdstack.validate import SettingError
 

@@ -34,6 +34,8 @@ class ModelComponents:
         path: the checkpoint file or diffusers folder it came from; ``None`` when built
             in memory. Used for the ``Model hash`` infotext field.
         vae_path: a separate VAE file, when one replaced the checkpoint's own.
+        patcher: the ``sdstack.models.patcher.ModelPatcher`` that applies LoRAs and
+            other weight patches to these networks (made on first use).
     """
 
     unet: Any
@@ -44,6 +46,7 @@ class ModelComponents:
     name: str = "model"
     path: Path | None = None
     vae_path: Path | None = None
+    patcher: Any = field(default=None, repr=False, compare=False)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -51,9 +54,19 @@ class ModelComponents:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def to(self, device: Any = None, dtype: Any = None) -> ModelComponents:
-        """Move the three networks in place; returns self."""
+        """Move the three networks in place; returns self.
+
+        Applied patches (LoRAs) are taken off first and put back after the move, so the
+        originals move too and the patched weights are rebuilt in the new dtype.
+        """
+        patches = self.patcher.patches if self.patcher is not None else ()
+        if self.patcher is not None:
+            self.patcher.restore()
+            self.patcher.forget_cache()
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
+        if patches:
+            self.patcher.apply(patches)
         return self
 
     def diffusers_pipeline(self, scheduler: Any = None) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from sdstack.errors import SdstackError
-from sdstack.models.ldm_keys import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdstack.models.key_map.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 SD1 = "SD1.x checkpoint"
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"

@@ -207,6 +207,27 @@ def lora_sha256(
     return stored if stored is not None else hashes.addnet_hash(path, progress=progress)
 
 
+def list_entries(kind: str, folders: tuple[Path, ...]) -> list[ModelEntry]:
+    """Entries of the ``kind`` files under ``folders`` (walked in order); a LoRA header
+    that cannot be read is an ``SdstackWarning`` (listed without alias, ``error`` set)."""
+    entries = []
+    for folder in folders:
+        for path in iter_model_files(folder, LAYOUT[kind][1]):
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue  # removed since the walk saw it
+            alias, metadata_hash, error = (
+                _lora_metadata(path) if kind == "lora" else (None, None, None)
+            )
+            if error is not None:
+                _warn(f"{error}; listed without its alias (ss_output_name)")
+            entries.append(
+                ModelEntry(kind, path.stem, path, folder, size, alias, metadata_hash, error)
+            )
+    return entries
+
+
 class ModelLibrary:
     """The models of a reference-UI install folder, by kind (see the module docstring).
 
@@ -254,24 +275,7 @@ class ModelLibrary:
         return Path(os.path.relpath(path, self.root)).as_posix()
 
     def _entries(self, kind: str, folders: tuple[Path, ...]) -> list[ModelEntry]:
-        """Entries of the files under ``folders``; a LoRA header that cannot be read is an
-        ``SdstackWarning`` (listed without alias, ``error`` set)."""
-        entries = []
-        for folder in folders:
-            for path in iter_model_files(folder, LAYOUT[kind][1]):
-                try:
-                    size = path.stat().st_size
-                except OSError:
-                    continue  # removed since the walk saw it
-                alias, metadata_hash, error = (
-                    _lora_metadata(path) if kind == "lora" else (None, None, None)
-                )
-                if error is not None:
-                    _warn(f"{error}; listed without its alias (ss_output_name)")
-                entries.append(
-                    ModelEntry(kind, path.stem, path, folder, size, alias, metadata_hash, error)
-                )
-        return entries
+        return list_entries(kind, folders)
 
     def _checkpoint_folder(self) -> tuple[list[ModelEntry], list[ModelEntry]]:
         """(checkpoints, ``*.vae.*`` VAEs) of models/Stable-diffusion, from one walk."""
@@ -335,23 +339,32 @@ class ModelLibrary:
             ModelLibraryError: several entries at that step (lists their paths), or an
                 unknown ``kind``.
         """
-        entries = self.entries_of(kind)
-        found = _match_name(entries, name.replace("\\", "/"))
-        if len(found) == 1:
-            return found[0]
-        if found:
-            paths = [entry.relative_path for entry in found]
-            fix = "the relative path"
-            if len(set(paths)) < len(paths):  # the same path in models/Lora and LyCORIS
-                paths, fix = [str(entry.path) for entry in found], "the file's path"
-            raise ModelLibraryError(
-                f"{kind} name {name!r} is ambiguous {self.describe_folders(kind)}: "
-                f"{', '.join(paths)}; give {fix} (e.g. {paths[0]!r})"
-            )
-        known = sorted({entry.name for entry in entries} | {e.alias for e in entries if e.alias})
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ModelNotFoundError(f"no {kind} named {name!r} {self.describe_folders(kind)}{hint}")
+        return find_entry(self.entries_of(kind), kind, name, self.describe_folders(kind))
+
+
+def find_entry(entries: list[ModelEntry], kind: str, name: str, where: str) -> ModelEntry:
+    """The one entry of ``entries`` that ``name`` names (``ModelLibrary.find``'s steps);
+    ``where`` ("in <folders>") ends the messages.
+
+    Raises:
+        ModelNotFoundError, ModelLibraryError: as ``ModelLibrary.find``.
+    """
+    found = _match_name(entries, name.replace("\\", "/"))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        paths = [entry.relative_path for entry in found]
+        fix = "the relative path"
+        if len(set(paths)) < len(paths):  # the same path in models/Lora and LyCORIS
+            paths, fix = [str(entry.path) for entry in found], "the file's path"
+        raise ModelLibraryError(
+            f"{kind} name {name!r} is ambiguous {where}: "
+            f"{', '.join(paths)}; give {fix} (e.g. {paths[0]!r})"
+        )
+    known = sorted({entry.name for entry in entries} | {e.alias for e in entries if e.alias})
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ModelNotFoundError(f"no {kind} named {name!r} {where}{hint}")
 
 
 def _match_name(entries: list[ModelEntry], name: str) -> list[ModelEntry]:

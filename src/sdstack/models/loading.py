@@ -1,7 +1,7 @@
 """``load_model``: an SD1.x checkpoint file or diffusers folder -> ``ModelComponents``.
 
 Single files (``.safetensors``, or ``.ckpt``/``.pt`` through a weights-only unpickler) hold
-the original LDM layout; ``ldm_keys`` maps it to diffusers' module names. Each network is
+the original LDM layout; ``key_map.ldm`` maps it to diffusers' module names. Each network is
 built on the meta device from its config (the packaged SD1.5 configs, or those in
 ``config_dir``) and receives the file's tensors by assignment (``assemble``); every shape is
 checked against the config before any tensor is converted. ``progress(done,
@@ -39,7 +39,13 @@ from sdstack.models.diffusers_folder import (
     open_component_weights,
     scheduler_config_of,
 )
-from sdstack.models.ldm_keys import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, unet_key_map, vae_key_map
+from sdstack.models.key_map.ldm import (
+    TEXT_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    unet_key_map,
+    vae_key_map,
+)
 from sdstack.models.single_file import TensorFile, open_tensor_file
 from sdstack.models.vae_file import fill_vae, load_vae_weights
 

@@ -29,7 +29,7 @@ from sdstack.models.assemble import (
     read_mapped,
 )
 from sdstack.models.detect import CheckpointError, detect_kind, missing_keys_error
-from sdstack.models.ldm_keys import OLD_DIFFUSERS_VAE_ATTENTION, VAE_PREFIX, vae_key_map
+from sdstack.models.key_map.ldm import OLD_DIFFUSERS_VAE_ATTENTION, VAE_PREFIX, vae_key_map
 from sdstack.models.single_file import TensorFile, open_tensor_file
 
 

@@ -84,10 +84,30 @@ def plan_prompt(prompt: str, steps: int, *, negative: bool = False) -> PromptPla
     return PromptPlan(prompt, steps, tags, parts)
 
 
-def reject_network_tags(prompt: str) -> None:
-    """Refuse extra-network tags, naming them: LoRA and other networks are not applied yet.
+APPLIED_NETWORK_KINDS = ("lora",)
+"""Extra-network kinds generation applies (``lyco`` is read as ``lora``)."""
 
-    Generation, ``GenerationJob.check`` and ``sdstack encode`` all call this one.
+
+def check_network_tags(prompt: str) -> list[NetworkTag]:
+    """The prompt's LoRA tags, in order; tags of other kinds are refused, naming them.
+
+    Raises:
+        PromptSyntaxError: a LoRA tag without a name or with a bad multiplier.
+        PromptNotSupportedError: a tag of another kind (``<hypernet:...>``, extensions').
+    """
+    _text, tags = extract_networks(prompt)
+    other = [tag for tag in tags if tag.kind not in APPLIED_NETWORK_KINDS]
+    if other:
+        names = ", ".join(f"<{tag.kind}:{tag.name}>" for tag in other)
+        raise PromptNotSupportedError(
+            f"prompt contains extra-network tag(s) {names}: only <lora:...> (and <lyco:...>) "
+            "tags are applied; remove the others from the prompt"
+        )
+    return tags
+
+
+def reject_network_tags(prompt: str, why: str) -> None:
+    """Refuse every extra-network tag, naming them and ``why`` (``sdstack encode``).
 
     Raises:
         PromptNotSupportedError: the prompt holds a tag.
@@ -95,7 +115,4 @@ def reject_network_tags(prompt: str) -> None:
     _text, tags = extract_networks(prompt)
     if tags:
         names = ", ".join(f"<{tag.kind}:{tag.name}>" for tag in tags)
-        raise PromptNotSupportedError(
-            f"prompt contains extra-network tag(s) {names}: LoRA/extra networks are not "
-            "supported yet; remove the tag(s) from the prompt"
-        )
+        raise PromptNotSupportedError(f"prompt contains extra-network tag(s) {names}: {why}")

@@ -1,11 +1,11 @@
-"""The LDM (original CompVis / single-file) <-> diffusers key map of SD1.x, as data.
+"""The LDM (original CompVis / single-file) <-> diffusers module tables of SD1.x, as data.
 
 A single-file SD1.x checkpoint stores the UNet under ``model.diffusion_model.``, the VAE
 under ``first_stage_model.`` and the CLIP text model under ``cond_stage_model.transformer.``.
 The UNet and VAE use the LDM module names (``input_blocks.N.M``, ``encoder.down.N.block.M``);
 diffusers names the same modules ``down_blocks.L.resnets.J`` and so on.
 
-The map is generated from the architecture config, never written out by hand: a *module
+The tables are generated from the architecture config, never written out by hand: a *module
 table* pairs each diffusers module prefix with its LDM prefix and a *leaf table* (how the
 parameter names inside that module differ). Expanding the table over the parameter names of
 the diffusers model built on the meta device gives one row per tensor::
@@ -14,7 +14,9 @@ the diffusers model built on the meta device gives one row per tensor::
            ldm="input_blocks.1.0.in_layers.0.weight", conv1x1=False)
 
 ``conv1x1`` marks the VAE mid-block attention projections: LDM stores them as 1x1
-convolutions (shape ``[C, C, 1, 1]``), diffusers as linear layers (``[C, C]``).
+convolutions (shape ``[C, C, 1, 1]``), diffusers as linear layers (``[C, C]``). The text
+encoder needs no table: its checkpoint names are the transformers names under
+``TEXT_PREFIX`` (with the ``text_model.`` level that transformers 5 no longer has).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+TEXT_MODEL = "text_model."
+"""The level CLIP checkpoints (and transformers 4) put above ``embeddings``/``encoder``."""
 
 # Parameter names inside one UNet ResBlock: diffusers -> LDM.
 UNET_RESNET_LEAVES: dict[str, str] = {
@@ -249,63 +253,3 @@ def unet_key_map(unet: Any) -> list[KeyRow]:
 def vae_key_map(vae: Any) -> list[KeyRow]:
     """Rows for every tensor of an ``AutoencoderKL`` (meta-built is enough)."""
     return expand_key_map(vae.state_dict().keys(), vae_module_table(vae.config))
-
-
-def to_ldm_state_dict(components: Any) -> dict[str, Any]:
-    """A single-file (LDM layout) state dict of ``components``' UNet, VAE and text encoder.
-
-    Keys: ``model.diffusion_model.<LDM UNet key>``, ``first_stage_model.<LDM VAE key>``
-    (attention projections reshaped to ``[C, C, 1, 1]``) and
-    ``cond_stage_model.transformer.text_model.<CLIP text-model key>``. Tensors are shared with the
-    modules where no reshape is needed (no copy).
-    """
-    out: dict[str, Any] = {}
-    for module, prefix, key_map in (
-        (components.unet, UNET_PREFIX, unet_key_map),
-        (components.vae, VAE_PREFIX, vae_key_map),
-    ):
-        state = module.state_dict()
-        for row in key_map(module):
-            tensor = state[row.diffusers]
-            out[prefix + row.ldm] = tensor[:, :, None, None] if row.conv1x1 else tensor
-    for key, tensor in components.text_encoder.state_dict().items():
-        # transformers 5 drops the ``text_model.`` level that SD1.x checkpoints carry.
-        name = key if key.startswith("text_model.") else f"text_model.{key}"
-        out[TEXT_PREFIX + name] = tensor
-    return out
-
-
-def save_single_file(
-    components: Any, path: Any, *, dtype: Any = None, metadata: dict[str, str] | None = None
-) -> None:
-    """Write ``components`` as an SD1.x single-file ``.safetensors`` checkpoint (LDM keys).
-
-    ``dtype`` (a ``torch.dtype``) casts floating-point tensors; ``None`` keeps them.
-    The file is written next to ``path`` under a temporary name, then renamed over it
-    with the mode a plain ``open()`` gives. The model's own file is never overwritten.
-
-    Raises:
-        CheckpointError: ``path`` is the file the model was loaded from.
-    """
-    import os
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from sdstack.atomic_files import replace, temporary_file
-    from sdstack.models.detect import CheckpointError
-
-    source = getattr(components, "path", None)
-    if source is not None and Path(path).exists() and os.path.samefile(path, source):
-        raise CheckpointError(
-            f"{path}: is the file this model was loaded from; save to a new file name"
-        )
-
-    state = {}
-    for key, tensor in to_ldm_state_dict(components).items():
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        state[key] = tensor.detach().contiguous()
-    with temporary_file(Path(path).parent, suffix=".safetensors") as temporary:
-        save_file(state, str(temporary), metadata={"format": "pt", **(metadata or {})})
-        replace(temporary, path)
