@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "sdstack.commands.demo",
     "sdstack.commands.info",
     "sdstack.commands.models",
+    "sdstack.commands.lora",
 )
 
 

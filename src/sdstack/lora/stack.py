@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -168,26 +168,21 @@ def _read_kept(patcher: Any, path: Path) -> Any:
         kept.move_to_end(key)
         return kept[key]
     file = read_lora(path, patcher.key_map)
-    _warn_unmatched(file)
+    warn_unmatched(file)
     kept[key] = file
     while len(kept) > KEPT_FILES:
         kept.popitem(last=False)
     return file
 
 
-def _warn_unmatched(file: Any) -> None:
-    unmatched: Sequence[str] = file.unmatched
-    if not unmatched:
-        return
-    listed = ", ".join(unmatched[:_MAX_LISTED_KEYS])
-    more = (
-        f" and {len(unmatched) - _MAX_LISTED_KEYS} more"
-        if len(unmatched) > _MAX_LISTED_KEYS
-        else ""
-    )
-    warnings.warn(
-        f"{file.path}: {len(unmatched)} key(s) match no layer of this model and are not "
-        f"applied: {listed}{more}",
-        SdstackWarning,
-        stacklevel=4,
-    )
+def warn_unmatched(file: Any, verb: str = "applied") -> None:
+    """One ``SdstackWarning`` listing the file's keys that match no layer (never silent)."""
+    from sdstack.models.detect import name_list
+
+    if file.unmatched:
+        warnings.warn(
+            f"{file.path}: {len(file.unmatched)} key(s) match no layer of this model and are "
+            f"not {verb}: {name_list(list(file.unmatched), _MAX_LISTED_KEYS)}",
+            SdstackWarning,
+            stacklevel=4,
+        )

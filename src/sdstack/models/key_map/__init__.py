@@ -30,6 +30,7 @@ from sdstack.models.key_map.build import (
     build_key_map,
     config_fingerprint,
     key_map_of,
+    key_map_of_configs,
     live_module,
     sd1_key_map,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "config_fingerprint",
     "expand_key_map",
     "key_map_of",
+    "key_map_of_configs",
     "lbw_index",
     "live_module",
     "merge_block_of_key",

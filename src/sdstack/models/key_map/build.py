@@ -161,10 +161,16 @@ def _plain_config(config: Any) -> dict[str, Any]:
 
 def config_fingerprint(components: Any) -> str:
     """The three configs of ``components`` as one canonical JSON string (the cache key)."""
+    return _fingerprint(
+        components.unet.config, components.vae.config, components.text_encoder.config
+    )
+
+
+def _fingerprint(unet_config: Any, vae_config: Any, text_config: Any) -> str:
     configs = {
-        "unet": _plain_config(components.unet.config),
-        "vae": _plain_config(components.vae.config),
-        "text_encoder": _plain_config(components.text_encoder.config),
+        "unet": _plain_config(unet_config),
+        "vae": _plain_config(vae_config),
+        "text_encoder": _plain_config(text_config),
     }
     return json.dumps(configs, sort_keys=True, default=str)
 
@@ -183,6 +189,16 @@ def key_map_of(components: Any) -> KeyMap:
         KeyMapError: the networks are not of the SD1.x family.
     """
     return _cached_key_map(config_fingerprint(components))
+
+
+def key_map_of_configs(unet_config: Any, vae_config: Any, text_config: Any) -> KeyMap:
+    """The key map of the architecture three configs describe (a checkpoint's, before any
+    model is loaded), cached like :func:`key_map_of`.
+
+    Raises:
+        KeyMapError: the configs are not of the SD1.x family.
+    """
+    return _cached_key_map(_fingerprint(unet_config, vae_config, text_config))
 
 
 def live_module(components: Any, layer: Layer) -> Any:
