@@ -8,7 +8,8 @@ scheduler configs, tokenizer/) with which diffusers'
 loads offline.
 
 ``--quick``: the same two things with the tiny test model's shapes under
-``bench/fixtures/quick/``.
+``bench/fixtures/quick/``, plus two tiny kohya LoRAs for it in ``quick/loras/``
+(``film``, and ``detail``, which records clip skip 2).
 
 Usage::
 
@@ -31,6 +32,7 @@ FULL_CHECKPOINT = FIXTURES / "sd15-random-fp16.safetensors"
 FULL_CONFIG = FIXTURES / "sd15-config"
 QUICK_CHECKPOINT = FIXTURES / "quick" / "tiny-random-fp16.safetensors"
 QUICK_CONFIG = FIXTURES / "quick" / "config"
+QUICK_LORAS = FIXTURES / "quick" / "loras"
 SEED = 1234
 
 MODEL_INDEX = {
@@ -159,7 +161,19 @@ def make_quick() -> tuple[Path, Path]:
     write_config_folder(QUICK_CONFIG, unet, vae, dict(TINY_TEXT_CONFIG))
     QUICK_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
     stream_safetensors(QUICK_CHECKPOINT, ldm_shapes(unet, vae, TINY_TEXT_CONFIG), SEED)
+    make_quick_loras()
     return QUICK_CHECKPOINT, QUICK_CONFIG
+
+
+def make_quick_loras() -> None:
+    """``quick/loras/film`` and ``detail`` (clip skip 2): rank-4 kohya files whose deltas
+    are about the size of the fixture's weights (N(0, 0.02))."""
+    from sdstack.lora.tiny import write_tiny_lora
+    from sdstack.models.tiny import tiny_components
+
+    shapes = tiny_components(seed=0)  # the same architecture as the quick checkpoint
+    write_tiny_lora(shapes, QUICK_LORAS / "film.safetensors", seed=1, scale=0.02)
+    write_tiny_lora(shapes, QUICK_LORAS / "detail.safetensors", seed=2, scale=0.02, clip_skip=2)
 
 
 def make_full(force: bool = False) -> tuple[Path, Path]:
