@@ -270,7 +270,7 @@ def test_root_finds_the_model_by_name_and_the_embeddings(
     info = read_infotext(first)
     model_hash = short_hash(webui_root / "models" / "Stable-diffusion" / "tiny-model.safetensors")
     assert f"Model hash: {model_hash}, Model: tiny-model" in info
-    assert "TI hashes: \"mystyle: " in info  # found in ROOT/embeddings without --embeddings
+    assert 'TI hashes: "mystyle: ' in info  # found in ROOT/embeddings without --embeddings
     # --from-infotext with $SDSTACK_ROOT: the infotext's model, found by its hash
     monkeypatch.setenv("SDSTACK_ROOT", str(webui_root))
     code, stdout, err = run(

@@ -42,6 +42,20 @@ def generate(capsys, tiny_checkpoint, out, *options: str) -> tuple[int, str, str
     )  # fmt: skip
 
 
+def shared_image(folder, text: str, image) -> str:
+    """``image`` saved with the infotext ``text``, as someone would share it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    png = PngInfo()
+    png.add_text("parameters", text)
+    image.save(folder / "shared.png", pnginfo=png)
+    return str(folder / "shared.png")
+
+
+def from_infotext(capsys, tiny_checkpoint, out, image, root) -> tuple[int, str, str]:
+    return generate(capsys, tiny_checkpoint, out, "--from-infotext", image, "--root", str(root))
+
+
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -76,49 +90,23 @@ def test_tags_with_lbw_generate_and_the_infotext_reproduces_them(
 
 
 def test_a_name_no_file_has_is_found_by_its_hash(webui, tiny_checkpoint, tmp_path, capsys):
-    from PIL.PngImagePlugin import PngInfo
-
     code, _, _ = generate(capsys, tiny_checkpoint, tmp_path / "a", PROMPT, "--root", str(webui))
     first = tmp_path / "a" / "00000-5.png"
     # The image as shared by someone whose file is called film_old: tag and hash say so.
     text = read_infotext(first).replace("film", "film_old")
-    png = PngInfo()
-    png.add_text("parameters", text)
-    shared = tmp_path / "shared.png"
-    Image.open(first).save(shared, pnginfo=png)
-    code, _, stderr = generate(
-        capsys,
-        tiny_checkpoint,
-        tmp_path / "b",
-        "--from-infotext",
-        str(shared),
-        "--root",
-        str(webui),
-    )
+    shared = shared_image(tmp_path, text, Image.open(first))
+    code, _, stderr = from_infotext(capsys, tiny_checkpoint, tmp_path / "b", shared, webui)
     assert code == 0, stderr  # the hash was computed when the first image was made
     assert np.array_equal(pixels(first), pixels(tmp_path / "b" / "00000-5.png"))
 
 
 def test_names_found_neither_way_are_listed(webui, tiny_checkpoint, tmp_path, capsys):
-    from PIL.PngImagePlugin import PngInfo
-
-    png = PngInfo()
-    png.add_text(
-        "parameters",
+    text = (
         "a <lora:gone:1> <lora:film:1> <lora:lost:1>\nSteps: 3, Seed: 5, Size: 64x64, "
-        'Lora hashes: "gone: 0123456789ab, film: 111111111111"',
+        'Lora hashes: "gone: 0123456789ab, film: 111111111111"'
     )
-    shared = tmp_path / "shared.png"
-    Image.new("RGB", (8, 8)).save(shared, pnginfo=png)
-    code, _, stderr = generate(
-        capsys,
-        tiny_checkpoint,
-        tmp_path / "b",
-        "--from-infotext",
-        str(shared),
-        "--root",
-        str(webui),
-    )
+    shared = shared_image(tmp_path, text, Image.new("RGB", (8, 8)))
+    code, _, stderr = from_infotext(capsys, tiny_checkpoint, tmp_path / "b", shared, webui)
     assert code == 2
     assert stderr.startswith(
         "sdstack: error: could not find 2 LoRA(s) by name or hash: gone (hash 0123456789ab), "

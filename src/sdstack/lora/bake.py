@@ -55,6 +55,24 @@ class BakeResult:
     loras: tuple[str, ...]
 
 
+def publish_output(temporary: Path, path: Path, *, overwrite: bool) -> None:
+    """Move the finished ``temporary`` to ``path``: over it with ``overwrite``, else only
+    if ``path`` still does not exist (claimed atomically).
+
+    Raises:
+        BakeError: ``path`` appeared since it was checked (and ``overwrite`` is off).
+    """
+    from sdstack.atomic_files import publish_new, replace
+
+    if overwrite:
+        replace(temporary, path)
+        return
+    try:
+        publish_new(temporary, path)
+    except FileExistsError:
+        raise BakeError(f"{path}: was created meanwhile; nothing overwritten") from None
+
+
 def check_output(output: str | Path, inputs: Iterable[Path], overwrite: bool, what: str) -> Path:
     """``output`` as a new ``.safetensors`` path that is none of ``inputs``.
 
@@ -330,7 +348,7 @@ def write_safetensors(
     Raises:
         BakeError: ``path`` appeared meanwhile (without ``overwrite``).
     """
-    from sdstack.atomic_files import publish_new, replace, temporary_file
+    from sdstack.atomic_files import temporary_file
 
     encoded = _header_bytes(entries, metadata)
     with temporary_file(path.parent, suffix=".safetensors") as temporary:
@@ -346,13 +364,7 @@ def write_safetensors(
                 file.write(_tensor_bytes(tensor))
                 if progress is not None:
                     progress("baking", index + 1, len(entries))
-        if overwrite:
-            replace(temporary, path)
-            return
-        try:
-            publish_new(temporary, path)
-        except FileExistsError:
-            raise BakeError(f"{path}: was created meanwhile; nothing overwritten") from None
+        publish_output(temporary, path, overwrite=overwrite)
 
 
 def _header_bytes(entries: Sequence[tuple[str, Any, tuple[int, ...]]], metadata: dict) -> bytes:

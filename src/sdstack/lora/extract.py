@@ -340,8 +340,8 @@ def _write(
     then the file, written atomically."""
     from safetensors.torch import save, save_file
 
-    from sdstack.atomic_files import publish_new, replace, temporary_file
-    from sdstack.lora.bake import BakeError
+    from sdstack.atomic_files import temporary_file
+    from sdstack.lora.bake import publish_output
 
     data = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
     start = 8 + int.from_bytes(data[:8], "little")
@@ -349,10 +349,4 @@ def _write(
     metadata["sshs_legacy_hash"] = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     with temporary_file(output.parent, suffix=".safetensors") as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
-        if overwrite:
-            replace(temporary, output)
-            return
-        try:
-            publish_new(temporary, output)
-        except FileExistsError:
-            raise BakeError(f"{output}: was created meanwhile; nothing overwritten") from None
+        publish_output(temporary, output, overwrite=overwrite)
