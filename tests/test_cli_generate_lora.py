@@ -108,7 +108,10 @@ def test_names_found_neither_way_are_listed(webui, tiny_checkpoint, tmp_path, ca
     shared = shared_image(tmp_path, text, Image.new("RGB", (8, 8)))
     code, _, stderr = from_infotext(capsys, tiny_checkpoint, tmp_path / "b", shared, webui)
     assert code == 2
-    assert stderr.startswith(
+    warning, error = stderr.splitlines()
+    # film is found by name, but it is not the file the infotext's hash names: said so.
+    assert warning.startswith("sdstack: warning: LoRA film: the infotext's hash is 1111111")
+    assert error.startswith(
         "sdstack: error: could not find 2 LoRA(s) by name or hash: gone (hash 0123456789ab), "
         "lost; searched in "
     )

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sdstack.errors import SdstackWarning
 from sdstack.lora.job_stack import resolve_specs
 from sdstack.lora.library import LoraLibrary, LoraNotFoundError
 from sdstack.lora.spec import LoraSpec
@@ -128,3 +129,12 @@ def test_advice_names_the_loras_and_the_fix():
 def test_hash_cache_is_isolated(root):
     # The fixture points the cache at tmp: nothing of the user's cache is read.
     assert str(HashCache().path).startswith(str(root))
+
+
+def test_a_file_found_by_name_with_another_hash_is_used_with_a_warning(root):
+    library = LoraLibrary(ModelLibrary(root / "webui"))
+    with pytest.warns(
+        SdstackWarning, match=r"^LoRA film: the infotext's hash is 0123456789ab, but "
+    ):
+        resolved = resolve_specs([LoraSpec("film")], library, {"film": "0123456789ab"})
+    assert resolved[0].name.endswith("film.safetensors")

@@ -46,6 +46,9 @@ def resolve_specs(
 ) -> list[LoraSpec]:
     """Each spec with ``name`` replaced by its file's path (by name, then by hash).
 
+    A file found by name whose hash is not the one ``hashes`` gives is used, with a
+    warning naming both hashes.
+
     Raises:
         LoraNotFoundError: one or more names found neither way; the message lists all
             of them (with the hash tried) and the folders searched.
@@ -53,14 +56,17 @@ def resolve_specs(
     hashes = hashes or {}
     resolved, missing = [], []
     for spec in specs:
+        short = hashes.get(spec.name)
         try:
             path = library.find(spec.name)
         except LoraNotFoundError as error:
-            short = hashes.get(spec.name)
             path = library.find_by_hash(short) if short else None
             if path is None:
                 missing.append((spec.name, short, str(error)))
                 continue
+        else:
+            if short:
+                _check_hash(spec.name, path, short)
         resolved.append(dataclasses.replace(spec, name=str(path)))
     if missing:
         if len(missing) == 1 and missing[0][1] is None:
@@ -72,6 +78,23 @@ def resolve_specs(
             "`sdstack models list --hashes` once)"
         )
     return resolved
+
+
+def _check_hash(name: str, path: Any, short: str) -> None:
+    """Warn when the file found by ``name`` is not the one the infotext's hash names."""
+    import warnings
+
+    from sdstack.errors import SdstackWarning
+    from sdstack.models.library import lora_sha256
+
+    actual = lora_sha256(path)
+    if not actual.startswith(short.lower()):
+        warnings.warn(
+            f"LoRA {name}: the infotext's hash is {short}, but {path} has {actual[:12]}; "
+            "using that file (the image may differ)",
+            SdstackWarning,
+            stacklevel=4,
+        )
 
 
 def apply_job_loras(
