@@ -4,6 +4,7 @@ bit-exact after any history, deltas cached by bytes, only changed layers rebuilt
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -63,8 +64,41 @@ def seeded_delta(seed: int, scale: float = 0.1):
 SOURCES = {name: seeded_delta(seed) for seed, name in enumerate(("a", "b", "c"))}
 
 
+def seeded_factors(seed: int, layer: str, rank: int = 3):
+    """A low-rank patch's two recipes: the factors, and the same delta made dense."""
+    shape = layer_shape(layer)
+
+    def factors():
+        generator = torch.Generator().manual_seed(seed)
+        up = 0.1 * torch.randn((shape[0], rank), generator=generator)
+        down = torch.randn((rank, math.prod(shape[1:])), generator=generator)
+        return up, down
+
+    def dense(originals):
+        up, down = factors()
+        return {"weight": (up @ down).view(originals["weight"].shape)}
+
+    return factors, dense
+
+
+@functools.cache
+def layer_shape(layer: str) -> tuple[int, ...]:
+    return model_key_map(two_models()[0])[layer].shape("weight")
+
+
+LOW_RANK = ("d", "e")
+
+
 def patches_of(stack: list[tuple[str, float]], layers=LAYERS) -> list[Patch]:
-    return [Patch(layer, source, s, SOURCES[source]) for source, s in stack for layer in layers]
+    patches = []
+    for source, s in stack:
+        for layer in layers:
+            if source in LOW_RANK:
+                factors, dense = seeded_factors(ord(source), layer)
+                patches.append(Patch(layer, source, s, dense, factors))
+            else:
+                patches.append(Patch(layer, source, s, SOURCES[source]))
+    return patches
 
 
 def all_parameters(model) -> dict[str, torch.Tensor]:
@@ -110,7 +144,10 @@ def test_originals_are_kept_by_reference_and_never_written(model):
 
 stacks = st.lists(
     st.lists(
-        st.tuples(st.sampled_from(("a", "b", "c")), st.sampled_from((-1.0, 0.25, 0.5, 1.0, 2.0))),
+        st.tuples(
+            st.sampled_from(("a", "b", "c", "d", "e")),
+            st.sampled_from((-1.0, 0.25, 0.5, 1.0, 2.0)),
+        ),
         max_size=3,
     ),
     min_size=1,
@@ -245,3 +282,41 @@ def test_cache_budget_from_the_environment(value, expected):
 def test_bad_cache_budget_is_named():
     with pytest.raises(PatchError, match=r"SDSTACK_DELTA_CACHE_MB='lots': expected a whole"):
         default_cache_bytes({"SDSTACK_DELTA_CACHE_MB": "lots"})
+
+
+def test_low_rank_patches_are_one_product_of_the_stacked_factors(model):
+    original = parameter(model, CONV).detach().double()
+    patcher = ModelPatcher(model)
+    stats = patcher.apply(patches_of([("d", 0.5), ("e", -2.0)], (CONV,)))
+    products = []
+    for source, strength in (("d", 0.5), ("e", -2.0)):
+        up, down = seeded_factors(ord(source), CONV)[0]()
+        products.append(strength * (up.double() @ down.double()).view(original.shape))
+    truth = original + products[0] + products[1]
+    # float32: the rank-6 dot products and the one addition, a few roundings each.
+    scale = (original.abs() + products[0].abs() + products[1].abs()).max().item()
+    assert (parameter(model, CONV).double() - truth).abs().max().item() <= 16 * EPS32 * scale
+    assert stats.deltas_computed == 2 and len(patcher.cache) == 2
+    assert patcher.cache.bytes == 2 * 4 * 3 * (32 + 4 * 9)  # the factors, no dense delta
+
+
+def test_a_layer_mixing_low_rank_and_dense_patches_sums_dense_deltas(model):
+    original = parameter(model, Q).detach().double()
+    ModelPatcher(model).apply(patches_of([("d", 1.0), ("a", 0.5)], (Q,)))
+    up, down = seeded_factors(ord("d"), Q)[0]()
+    dense = SOURCES["a"]({"weight": original.float()})["weight"].double()
+    truth = original + up.double() @ down.double() + 0.5 * dense
+    bound = 16 * EPS32 * (original.abs() + truth.abs()).max().item()
+    assert (parameter(model, Q).double() - truth).abs().max().item() <= bound
+
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def test_a_smaller_budget_drops_the_oldest_deltas():
+    cache = DeltaCache(budget=1000)
+    for name in "ab":
+        cache.put((name, "x"), {"weight": torch.zeros(100)})
+    cache.resize(500)
+    assert cache.get(("a", "x")) is None and cache.get(("b", "x")) is not None
+    assert cache.bytes == 400

@@ -15,9 +15,10 @@ multiplies by the strength.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -250,3 +251,32 @@ def module_delta(module: ModuleWeights, original: Mapping[str, Tensor]) -> dict[
         b0 = original.get("bias")
         deltas["bias"] = bias.reshape(b0.shape if b0 is not None else (-1,))
     return deltas
+
+
+def has_factors(module: ModuleWeights) -> bool:
+    """Whether :func:`module_factors` gives factors for ``module`` (no tensor is touched)."""
+    tensors = module.tensors
+    if module.algorithm != "lora" or module.dora_scale is not None:
+        return False
+    if set(tensors) != {"lora_up.weight", "lora_down.weight"}:
+        return False
+    out = tensors["lora_up.weight"].shape[0]
+    flat_in = math.prod(tensors["lora_down.weight"].shape[1:])
+    return out * flat_in == math.prod(module.layer.shape("weight"))
+
+
+def module_factors(module: ModuleWeights, device: Any = None) -> tuple[Tensor, Tensor] | None:
+    """A plain LoRA module's delta as float32 factors: ``dW = up @ down`` at multiplier 1.
+
+    ``up`` is ``[out, r]`` with the scale (``alpha / rank`` or ``scale``) folded in,
+    ``down`` ``[r, in * k * k]`` (conv kernels flattened), so that
+    ``(up @ down).view(W0.shape)`` is :func:`module_delta`'s weight delta. None when the
+    module has no such form (:func:`has_factors`): another algorithm, Tucker ``lora_mid``,
+    a bias part, DoRA, or a delta that must be zero-padded (inpainting ``conv_in``); those
+    take the dense path.
+    """
+    if not has_factors(module):
+        return None
+    up = _flat(module.tensors["lora_up.weight"]).to(device=device, dtype=torch.float32)
+    down = _flat(module.tensors["lora_down.weight"]).to(device=device, dtype=torch.float32)
+    return up * module.effective_scale, down

@@ -3,7 +3,7 @@
 For every tensor of the checkpoint (LDM names), the key map gives its layer; a layer that
 some LoRA module changes is written as
 
-    W = cast(W0 + sum_i s_i * dW_i)          (float32, ``patcher.sum_into``)
+    W = cast(W0 + sum_i s_i * dW_i)          (float32, ``patch_sum.layer_writers``)
 
 with ``s_i = multiplier * lbw[block]`` and ``dW_i = module_delta(module, originals)``: the
 patches ``lora.stack.lora_patches`` makes, summed as the model patcher sums them, so a
@@ -293,28 +293,26 @@ class _Baker:
         return result
 
     def _patch_layer(self, prefix: str, module: str) -> dict[str, Any]:
-        """Every parameter of the layer by leaf: ``sum_into(W0, [(s_i, dW_i)])`` in float32."""
+        """Every parameter of the layer by leaf, summed as the patcher sums it
+        (``patch_sum.layer_writers``: the same bits as applying the LoRAs)."""
         import torch
 
-        from sdstack.models.patcher import sum_into
+        from sdstack.models.patch_sum import DeltaCache, PatchStats, layer_writers
 
         layer = self.key_map.find(module)
         stored = {leaf: self.source.tensor(prefix + leaf) for leaf in layer.param_names}
-        originals = {
-            leaf: tensor.float().reshape(layer.shape(leaf)) for leaf, tensor in stored.items()
-        }
-        terms: dict[str, list] = {}
-        for patch in self.by_module[module]:
-            for leaf, delta in patch.delta(originals).items():
-                terms.setdefault(leaf, []).append((float(patch.strength), delta))
+        originals = {leaf: t.reshape(layer.shape(leaf)) for leaf, t in stored.items()}
+        patches = self.by_module[module]
+        writers = layer_writers(layer.key, patches, originals, DeltaCache(0), PatchStats())
         patched = {}
         for leaf, tensor in stored.items():
             dtype = self.out_dtype if self.out_dtype is not None else tensor.dtype
-            if leaf not in terms:
+            if leaf not in writers:
                 patched[leaf] = tensor.to(dtype)
                 continue
-            patched[leaf] = torch.empty(tensor.shape, dtype=dtype)
-            sum_into(patched[leaf], tensor, terms[leaf])
+            values = torch.empty(layer.shape(leaf), dtype=dtype)
+            writers[leaf](values)
+            patched[leaf] = values.reshape(tensor.shape)
         return patched
 
 

@@ -6,7 +6,8 @@ becomes one :class:`~sdstack.models.patcher.Patch` of strength
     s = multiplier * lbw[block]      (multiplier: ``te`` for the text encoder, ``unet``
                                       for the UNet; lbw 1 without ``lbw=``)
 
-whose delta is the module's formula at multiplier 1 (``algorithms.module_delta``), so
+whose delta is the module's formula at multiplier 1 (``algorithms.module_delta``; for a
+plain LoRA module its factors ``up @ down``, ``algorithms.module_factors``), so
 the patched weight is ``W0 + sum_i s_i * dW_i`` rebuilt from the original (see
 ``sdstack.models.patcher``): ``set_loras(model, [])`` gives the original weights back bit
 for bit, and changing one multiplier re-sums cached deltas without reading any file.
@@ -130,7 +131,7 @@ def active_loras(model: Any) -> LoraStack | None:
 
 def lora_patches(lora: ActiveLora) -> list[Patch]:
     """The patches of one LoRA: ``multiplier * lbw[block]`` per module (0 is skipped)."""
-    from sdstack.lora.algorithms import module_delta
+    from sdstack.lora.algorithms import has_factors, module_delta, module_factors
 
     spec, patches = lora.spec, []
     for key, module in lora.file.modules.items():
@@ -139,7 +140,9 @@ def lora_patches(lora: ActiveLora) -> list[Patch]:
         strength = multiplier * block_factor(spec.lbw, layer.block)
         if strength == 0:
             continue
-        patches.append(Patch(key, f"lora:{lora.hash}", strength, partial(module_delta, module)))
+        factors = partial(module_factors, module) if has_factors(module) else None
+        delta = partial(module_delta, module)
+        patches.append(Patch(key, f"lora:{lora.hash}", strength, delta, factors))
     return patches
 
 

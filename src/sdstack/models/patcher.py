@@ -16,117 +16,50 @@ reference UI and ComfyUI copy each weight into a backup before writing over it).
 
 Deltas are cached in float32 per (source, layer) under a byte budget, least recently used
 first out: changing only a strength re-sums cached deltas, and a stack change rebuilds
-only the layers whose (source, strength) list changed.
+only the layers whose (source, strength) list changed. Low-rank deltas (plain LoRA,
+``dW = up @ down``) are kept as their factors: a layer whose patches are all low-rank is
+rebuilt as ``W0 + [s_1 up_1, ...] @ [down_1; ...]`` by one matrix product: faster than
+summing dense deltas, and no dense delta is held in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from sdstack.errors import SdstackError
+from sdstack.models.patch_sum import (
+    CACHE_ENVIRONMENT_VARIABLE,
+    DEFAULT_CACHE_BYTES,
+    DeltaCache,
+    DeltaRecipe,
+    FactorRecipe,
+    Patch,
+    PatchError,
+    PatchStats,
+    default_cache_bytes,
+    layer_writers,
+    sum_into,
+)
 
-DeltaRecipe = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
-"""``recipe(originals) -> deltas``: float32 originals of one layer's parameters
-(``{"weight": W0, "bias": b0}``) -> float32 deltas at strength 1 for some of them."""
-
-DEFAULT_CACHE_BYTES = 4 << 30
-"""Delta cache budget: 4 GiB, or ``$SDSTACK_DELTA_CACHE_MB`` mebibytes."""
-CACHE_ENVIRONMENT_VARIABLE = "SDSTACK_DELTA_CACHE_MB"
-_CHUNK_ELEMENTS = 1 << 18  # rows summed together: the fp32 accumulator stays in cache
-
-
-class PatchError(SdstackError):
-    """A patch that cannot be applied: unknown layer, wrong delta shape, NaN strength."""
-
-
-@dataclass(frozen=True)
-class Patch:
-    """One weight patch: ``strength * delta(originals)`` added to ``layer``.
-
-    Attributes:
-        layer: the layer's key (``key_map.Layer.key``, e.g. ``"unet:conv_in"``).
-        source: what the delta is, for the cache: two patches with the same source and
-            layer must have the same delta (e.g. a file's sha256 and the module's name).
-        strength: the multiplier ``s_i``.
-        delta: the recipe (see :data:`DeltaRecipe`).
-    """
-
-    layer: str
-    source: str
-    strength: float
-    delta: DeltaRecipe = field(compare=False, repr=False)
-
-
-@dataclass
-class PatchStats:
-    """What one :meth:`ModelPatcher.apply` did."""
-
-    layers_rebuilt: int = 0
-    layers_restored: int = 0
-    layers_unchanged: int = 0
-    deltas_computed: int = 0
-    deltas_from_cache: int = 0
-
-
-class DeltaCache:
-    """Float32 deltas by ``(source, layer)``, least recently used out past ``budget`` bytes."""
-
-    def __init__(self, budget: int) -> None:
-        if budget < 0:
-            raise PatchError(f"delta cache budget: {budget} bytes; expected 0 or more")
-        self.budget = budget
-        self.bytes = 0
-        self._entries: OrderedDict[tuple[str, str], dict[str, torch.Tensor]] = OrderedDict()
-
-    def get(self, key: tuple[str, str]) -> dict[str, torch.Tensor] | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: tuple[str, str], deltas: dict[str, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in deltas.values())
-        if size > self.budget or key in self._entries:
-            return
-        while self.bytes + size > self.budget:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= sum(t.numel() * t.element_size() for t in old.values())
-        self._entries[key] = deltas
-        self.bytes += size
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def default_cache_bytes(environ: Mapping[str, str] | None = None) -> int:
-    """:data:`DEFAULT_CACHE_BYTES`, or ``$SDSTACK_DELTA_CACHE_MB`` MiB when set.
-
-    Raises:
-        PatchError: the variable is not a whole number of MiB >= 0.
-    """
-    value = (os.environ if environ is None else environ).get(CACHE_ENVIRONMENT_VARIABLE)
-    if value is None or value == "":
-        return DEFAULT_CACHE_BYTES
-    try:
-        megabytes = int(value)
-    except ValueError:
-        megabytes = -1
-    if megabytes < 0:
-        raise PatchError(
-            f"{CACHE_ENVIRONMENT_VARIABLE}={value!r}: expected a whole number of MiB, 0 or more"
-        )
-    return megabytes << 20
+__all__ = [
+    "CACHE_ENVIRONMENT_VARIABLE",
+    "DEFAULT_CACHE_BYTES",
+    "DeltaCache",
+    "DeltaRecipe",
+    "FactorRecipe",
+    "ModelPatcher",
+    "Patch",
+    "PatchError",
+    "PatchStats",
+    "default_cache_bytes",
+    "patcher_of",
+    "sum_into",
+    "weights_fingerprint",
+]
 
 
 class ModelPatcher:
@@ -234,72 +167,21 @@ class ModelPatcher:
         originals = self._originals.get(layer)
         if originals is None:
             originals = {name: p.data for name, p in parameters.items()}
-        terms: dict[str, list[tuple[float, torch.Tensor]]] = {}
-        for patch in patches:
-            if not torch.isfinite(torch.tensor(float(patch.strength))):
-                raise PatchError(f"patch {patch.source!r} on {layer}: strength {patch.strength}")
-            for name, delta in self._delta(patch, originals, stats).items():
-                if name not in originals or delta.shape != originals[name].shape:
-                    raise PatchError(
-                        f"patch {patch.source!r} on {layer}: delta {name} of shape "
-                        f"{tuple(delta.shape)}; the layer has "
-                        + ", ".join(f"{n} {tuple(t.shape)}" for n, t in originals.items())
-                    )
-                terms.setdefault(name, []).append((float(patch.strength), delta))
+        writers = layer_writers(layer, patches, originals, self.cache, stats)
         self._originals[layer] = originals
         buffers = self._buffers.setdefault(layer, {})
         for name, original in originals.items():
-            parameter = parameters[name]
-            if name not in terms:
-                parameter.data = original
+            if name not in writers:
+                parameters[name].data = original
                 buffers.pop(name, None)
                 continue
-            # Our own tensor for the patched values (reused by later rebuilds); the
+            # Our own tensor holds the patched values (reused by later rebuilds); the
             # original's memory is never written.
             target = buffers.get(name)
             if target is None or target.shape != original.shape or target.dtype != original.dtype:
                 target = buffers[name] = torch.empty_like(original)
-            sum_into(target, original, terms[name])
-            parameter.data = target
-
-    def _delta(
-        self, patch: Patch, originals: Mapping[str, torch.Tensor], stats: PatchStats
-    ) -> dict[str, torch.Tensor]:
-        key = (patch.source, patch.layer)
-        cached = self.cache.get(key)
-        if cached is not None:
-            stats.deltas_from_cache += 1
-            return cached
-        with torch.no_grad():
-            float_originals = {name: t.detach().float() for name, t in originals.items()}
-            deltas = {
-                name: delta.detach().to(torch.float32)
-                for name, delta in patch.delta(float_originals).items()
-            }
-        stats.deltas_computed += 1
-        self.cache.put(key, deltas)
-        return deltas
-
-
-@torch.no_grad()
-def sum_into(
-    target: torch.Tensor, original: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]
-) -> None:
-    """``target = cast(original + sum_i s_i * delta_i)``, accumulated in float32.
-
-    Row chunks keep the float32 accumulator small; every element is computed by the same
-    operations in the same order whatever the chunking, so the result depends only on
-    ``original`` and ``terms``.
-    """
-    flat_target, flat_original = target.view(-1), original.reshape(-1)
-    flat_terms = [(s, d.reshape(-1).to(target.device)) for s, d in terms]
-    total = flat_target.numel()
-    for start in range(0, total, _CHUNK_ELEMENTS):
-        end = min(start + _CHUNK_ELEMENTS, total)
-        accumulator = flat_original[start:end].to(torch.float32, copy=True)
-        for strength, delta in flat_terms:
-            accumulator.add_(delta[start:end], alpha=strength)
-        flat_target[start:end].copy_(accumulator)
+            writers[name](target)
+            parameters[name].data = target
 
 
 def _group_by_layer(patches: Sequence[Patch]) -> dict[str, list[Patch]]:
@@ -316,7 +198,7 @@ def patcher_of(components: Any, *, cache_bytes: int | None = None) -> ModelPatch
         patcher = ModelPatcher(components, cache_bytes=cache_bytes)
         components.patcher = patcher
     elif cache_bytes is not None:
-        patcher.cache.budget = cache_bytes
+        patcher.cache.resize(cache_bytes)
     return patcher
 
 

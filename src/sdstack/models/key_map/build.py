@@ -4,8 +4,9 @@ The UNet, VAE and CLIP text model are built on the meta device from their config
 storage), then every module that owns parameters directly becomes one :class:`Layer`: its
 module path, its LDM path (from the module tables of ``key_map.ldm``, applied to its
 parameter names), parameter shapes, kind and merge block. ``sd1_key_map()`` is the packaged
-SD1.5 architecture; ``key_map_of(components)`` the architecture of a loaded model, cached by
-a fingerprint of its three configs (so the tiny test models get their own map).
+SD1.5 architecture; ``key_map_of(components)`` the architecture of a loaded model (built
+from the loaded networks), cached by a fingerprint of its three configs (so the tiny test
+models get their own map).
 """
 
 from __future__ import annotations
@@ -175,20 +176,34 @@ def _fingerprint(unet_config: Any, vae_config: Any, text_config: Any) -> str:
     return json.dumps(configs, sort_keys=True, default=str)
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_key_map(fingerprint: str) -> KeyMap:
-    configs = json.loads(fingerprint)
-    return _meta_key_map(configs["unet"], configs["vae"], configs["text_encoder"])
+_MAPS: dict[str, KeyMap] = {}
+_KEPT_MAPS = 8
+
+
+def _cached_key_map(fingerprint: str, build: Any) -> KeyMap:
+    """The map of ``fingerprint``, made by ``build()`` the first time (a few are kept)."""
+    found = _MAPS.get(fingerprint)
+    if found is None:
+        found = build()
+        if len(_MAPS) >= _KEPT_MAPS:
+            _MAPS.pop(next(iter(_MAPS)))
+        _MAPS[fingerprint] = found
+    return found
 
 
 def key_map_of(components: Any) -> KeyMap:
     """The key map of a loaded ``ModelComponents`` (any SD1.x-family sizes, e.g. the tiny
-    test models), built from its configs on the meta device and cached by their fingerprint.
+    test models), cached by the fingerprint of its configs. The first time it is built
+    from the loaded networks themselves (their module tree is the architecture's: nothing
+    is read from the weights), which costs no meta-device build.
 
     Raises:
         KeyMapError: the networks are not of the SD1.x family.
     """
-    return _cached_key_map(config_fingerprint(components))
+    return _cached_key_map(
+        config_fingerprint(components),
+        lambda: build_key_map(components.unet, components.vae, components.text_encoder),
+    )
 
 
 def key_map_of_configs(unet_config: Any, vae_config: Any, text_config: Any) -> KeyMap:
@@ -198,7 +213,10 @@ def key_map_of_configs(unet_config: Any, vae_config: Any, text_config: Any) -> K
     Raises:
         KeyMapError: the configs are not of the SD1.x family.
     """
-    return _cached_key_map(_fingerprint(unet_config, vae_config, text_config))
+    return _cached_key_map(
+        _fingerprint(unet_config, vae_config, text_config),
+        lambda: _meta_key_map(_plain_config(unet_config), _plain_config(vae_config), text_config),
+    )
 
 
 def live_module(components: Any, layer: Layer) -> Any:
