@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # One torch thread per test process: the tiny models gain nothing from intra-op threads,
 # and on a 2-core machine two threads per process stall each other (and pytest -n 2).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Hashes computed by the tests go to a cache of their own, never the user's ~/.cache.
+os.environ.setdefault("SDSTACK_CACHE_DIR", tempfile.mkdtemp(prefix="sdstack-test-cache-"))
 
 import pytest
 

@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from sdstack.errors import SdstackWarning
@@ -173,3 +175,38 @@ def test_a_foreign_lora_is_refused_naming_the_file(model, loras, tmp_path):
     with pytest.raises(ForeignLoraError, match=rf"^{path}: is an SDXL LoRA \("):
         set_loras(model, [("film", 1), (str(path), 1)], library=loras)
     assert weights_fingerprint(model) == before
+
+
+@pytest.fixture(scope="module")
+def property_setup(tmp_path_factory):
+    """One model and three LoRA files for the property test (each example restores it)."""
+    folder = tmp_path_factory.mktemp("property-loras")
+    model = tiny_components(seed=5)
+    for seed, name in enumerate(("film", "detail", "ink")):
+        write_tiny_lora(model, folder / f"{name}.safetensors", seed=seed, rank=4, alpha=2.0)
+    library = LoraLibrary(None, [folder])
+    return model, library, weights_fingerprint(model)
+
+
+entries = st.lists(
+    st.tuples(
+        st.sampled_from(("film", "detail", "ink")),
+        st.sampled_from((-1.0, 0.0, 0.3, 1.0)),
+        st.sampled_from((None, 0.5, 2.0)),
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(history=st.lists(entries, min_size=1, max_size=4))
+def test_removal_is_bit_exact_after_any_sequence_of_stacks(property_setup, history):
+    model, library, original = property_setup
+    for stack in history:
+        set_loras(
+            model,
+            [(n, te) if unet is None else (n, te, unet) for n, te, unet in stack],
+            library=library,
+        )
+    set_loras(model, [], library=library)
+    assert weights_fingerprint(model) == original
