@@ -206,9 +206,9 @@ def test_quantile_matches_numpy(size, q):
 
 
 def test_quantile_works_above_two_to_the_24_elements():
+    # torch.quantile refuses inputs above 2^24 elements on torch 2.13 (not on 2.14): the
+    # reason kthvalue is used. Ours must work on both.
     values = torch.rand(2**24 + 3, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(RuntimeError, match="too large"):
-        torch.quantile(values, 0.99)  # why kthvalue is used
     expected = float(np.quantile(values.double().numpy(), 0.99))
     assert quantile(values, 0.99) == pytest.approx(expected, rel=4 * EPS32)
 
