@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "sdstack.commands.info",
     "sdstack.commands.models",
     "sdstack.commands.lora",
+    "sdstack.commands.grid",
 )
 
 

@@ -75,12 +75,23 @@ def check_number(name: str, value: Any, low: float, high: float, *, hint: str = 
     """``float(value)`` if it is a finite real number (bools refused) in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SettingError(f"{name} must be a number, got {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the float range
+        number = math.inf
     if not math.isfinite(number):
-        raise SettingError(f"{name} must be a finite number, got {value!r}")
+        raise SettingError(f"{name} must be a finite number, got {_shown(value)}")
     if not low <= number <= high:
-        raise SettingError(f"{name} must be between {low:g} and {high:g}{hint}, got {value!r}")
+        raise SettingError(
+            f"{name} must be between {low:g} and {high:g}{hint}, got {_shown(value)}"
+        )
     return number
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short for a huge number."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -75,6 +75,12 @@ def _add_generate(subparsers: Any) -> None:
         "--from-infotext, else the defaults shown. Everything is checked before the model "
         "loads.",
     )
+    add_job_arguments(parser)
+    parser.set_defaults(handler=run_generate)
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of a generation job (``generate`` and ``grid`` share them)."""
     parser.add_argument(
         "prompt",
         nargs="?",
@@ -123,7 +129,6 @@ def _add_generate(subparsers: Any) -> None:
         help="img2img strength 0..1 (default: 0.75); needs --init-image",
     )
     _add_run_options(parser)
-    parser.set_defaults(handler=run_generate)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -209,24 +209,43 @@ class GuidedDenoiser:
     ) -> torch.Tensor:
         """Guided model output for ``model_input`` (B, C, h, w) at denoiser call ``step``
         (noise level ``sigma``, passed on to the hooks)."""
+        calls, weights = self.unet_calls(model_input, timestep, step, sigma)
+        return self.guide([self.run_unet(call) for call in calls], weights)
+
+    def unet_calls(
+        self, model_input: torch.Tensor, timestep: Any, step: int, sigma: float = math.nan
+    ) -> tuple[list[UNetCall], list[float]]:
+        """The UNet calls of denoiser call ``step`` before the hooks run, and the AND weights.
+
+        Each call's rows are the input repeated once per context row group (AND parts,
+        then the negative; ``batch`` rows each), as :meth:`batch_context` lays them out.
+        """
         batch = model_input.shape[0]
-        calls, weights = self.batch_context(step, batch)
+        contexts, weights = self.batch_context(step, batch)
         sample = model_input.to(self.dtype)
-        outputs = []
-        kinds = self._row_kinds(calls, len(weights), batch)
-        for states, row_kinds in zip(calls, kinds, strict=True):
+        kinds = self._row_kinds(contexts, len(weights), batch)
+        calls = []
+        for states, row_kinds in zip(contexts, kinds, strict=True):
             rows = sample.repeat(states.shape[0] // batch, 1, 1, 1)
-            call = UNetCall(rows, timestep, states, step, sigma, row_kinds, batch)
-            if self.hooks:
-                call = run_hooks(call, self.hooks)
-            output = self.unet(
-                call.sample,
-                call.timestep,
-                encoder_hidden_states=call.encoder_hidden_states,
-                **call.unet_kwargs,
-            )
-            outputs.append(output.sample)
-        output = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).float()
+            calls.append(UNetCall(rows, timestep, states, step, sigma, row_kinds, batch))
+        return calls, weights
+
+    def run_unet(self, call: UNetCall) -> torch.Tensor:
+        """``call`` through the hooks, then the UNet: its output rows (model dtype)."""
+        if self.hooks:
+            call = run_hooks(call, self.hooks)
+        output = self.unet(
+            call.sample,
+            call.timestep,
+            encoder_hidden_states=call.encoder_hidden_states,
+            **call.unet_kwargs,
+        )
+        return output.sample
+
+    def guide(self, outputs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+        """The UNet outputs of one denoiser call's calls, in order, combined:
+        ``u + cfg * sum_i w_i * (c_i - u)`` (:func:`combine_guidance`), in float32."""
+        output = (outputs[0] if len(outputs) == 1 else torch.cat(list(outputs))).float()
         chunks = output.chunk(len(weights) + 1)
         return combine_guidance(chunks[:-1], weights, chunks[-1], self.cfg_scale)
 

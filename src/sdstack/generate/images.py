@@ -41,9 +41,11 @@ class InfotextError(ImageFileError):
     """An image file that cannot be read for infotext."""
 
 
-def next_index(out_dir: Path) -> int:
-    """One more than the largest ``NNNNN-`` prefix in ``out_dir`` (0 when none)."""
-    indices = [int(m.group(1)) for p in out_dir.iterdir() if (m := NAME_PATTERN.match(p.name))]
+def next_index(out_dir: Path, prefix: str = "") -> int:
+    """One more than the largest ``NNNNN-`` prefix in ``out_dir`` (0 when none); with
+    ``prefix`` (``"grid-"``), the largest ``<prefix>NNNNN``."""
+    pattern = NAME_PATTERN if not prefix else re.compile(rf"^{re.escape(prefix)}(\d{{5,}})\b")
+    indices = [int(m.group(1)) for p in out_dir.iterdir() if (m := pattern.match(p.name))]
     return max(indices, default=-1) + 1
 
 
@@ -71,8 +73,12 @@ def save_image(
     *,
     seed: int | None = None,
     fmt: str = "png",
+    prefix: str = "",
 ) -> Path:
     """Write ``image`` with its infotext as ``out_dir/NNNNN-<seed>.<fmt>``; never overwrites.
+
+    ``prefix`` names another series counted on its own: ``prefix="grid-"`` writes
+    ``grid-NNNNN.<fmt>`` (no seed).
 
     The image goes to a temporary file in ``out_dir`` (created if needed) first, then
     :func:`~sdstack.atomic_files.publish_new` claims the first free name, counting up
@@ -94,16 +100,16 @@ def save_image(
     try:
         with temporary_file(out, suffix=f".{extension}") as temporary:
             image.save(temporary, format=pil_format, **kwargs)
-            return _publish_numbered(temporary, out, tail)
+            return _publish_numbered(temporary, out, tail, prefix)
     except OSError as error:
         raise _output_error(out, error) from error
 
 
-def _publish_numbered(temporary: Path, out: Path, tail: str) -> Path:
-    """Claim ``out/NNNNN<tail>`` for ``temporary``, the first free index from the scan."""
-    index = next_index(out)
+def _publish_numbered(temporary: Path, out: Path, tail: str, prefix: str = "") -> Path:
+    """Claim ``out/<prefix>NNNNN<tail>`` for ``temporary``, the first free index from the scan."""
+    index = next_index(out, prefix)
     while True:
-        target = out / f"{index:05d}{tail}"
+        target = out / f"{prefix}{index:05d}{tail}"
         try:
             publish_new(temporary, target)
         except FileExistsError:
