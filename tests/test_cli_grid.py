@@ -114,3 +114,14 @@ def test_bad_spec_files_are_named(tiny_checkpoint, tmp_path, capsys):
     spec.write_text("x = [1\n", encoding="utf-8")
     code, _, stderr = grid(capsys, tiny_checkpoint, tmp_path, "--spec", str(spec))
     assert code == 2 and "not valid TOML" in stderr
+
+
+def test_the_readme_demo_grid(tmp_path, capsys):
+    code, stdout, stderr = cli(
+        capsys, "demo", "--x", "clip-skip=1,2", "--y", "Prompt S/R=cat,fox", "--size", "64x64",
+        "--steps", "2", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, stderr
+    paths = stdout.splitlines()
+    assert len(paths) == 5 and paths[-1].endswith("grid-00000.png")
+    assert "Y Type: Prompt S/R, Y Values: \\"cat,fox\\"" in read_infotext(paths[-1])

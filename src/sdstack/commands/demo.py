@@ -27,6 +27,14 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--seed", type=int, default=1, help="seed (default: 1; -1 = random)")
     demo.add_argument("--size", default="128x128", help="WxH (default: 128x128)")
     demo.add_argument("--sampler", default="Euler a", help="sampler (default: Euler a)")
+    for axis in ("x", "y", "z"):
+        demo.add_argument(
+            f"--{axis}",
+            default=None,
+            metavar="AXIS=VALUES",
+            help="make a comparison grid instead, as `sdstack grid` does (e.g. --x "
+            "clip-skip=1,2,3 --y 'Prompt S/R=cat,dog')",
+        )
     demo.set_defaults(handler=run_demo)
 
 
@@ -52,7 +60,32 @@ def run_demo(args: argparse.Namespace) -> int:
     def save(result: Any) -> Any:
         return save_image(result.image, result.infotext, args.out, seed=result.seed)
 
+    if args.x is not None or args.y is not None or args.z is not None:
+        return _demo_grid(args, GenerationJob(params))
     with JobProgress() as progress:
         result = run_job(tiny_components(seed=0), GenerationJob(params), progress, save)[0]
     print(result.infotext)
+    return 0
+
+
+def _demo_grid(args: argparse.Namespace, job: Any) -> int:
+    """The demo prompt as a grid over the tiny model: cells, then the grid, printed."""
+    from sdstack.cli import CommandError
+    from sdstack.generate.grid import plan_grid, run_grid
+    from sdstack.models.tiny import tiny_components
+
+    if args.x is None:
+        raise CommandError("a grid needs --x AXIS=VALUES (then --y and --z if you like)")
+    plan = plan_grid(job, args.x, args.y, args.z)
+    with JobProgress() as progress:
+        result = run_grid(
+            plan,
+            tiny_components(seed=0),
+            out=args.out,
+            on_cell=lambda cell: progress.write(str(cell.path)),
+            callback=progress.on_step,
+            on_phase=progress.on_phase,
+        )
+        for path in result.paths:
+            progress.write(str(path))
     return 0
