@@ -124,4 +124,4 @@ def test_the_readme_demo_grid(tmp_path, capsys):
     assert code == 0, stderr
     paths = stdout.splitlines()
     assert len(paths) == 5 and paths[-1].endswith("grid-00000.png")
-    assert "Y Type: Prompt S/R, Y Values: \\"cat,fox\\"" in read_infotext(paths[-1])
+    assert 'Y Type: Prompt S/R, Y Values: "cat,fox"' in read_infotext(paths[-1])
