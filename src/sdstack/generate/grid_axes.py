@@ -26,6 +26,7 @@ from sdstack.errors import SdstackError, UnknownNameError
 from sdstack.generate import grid_values as gv
 from sdstack.generate.grid_values import GridAxisError, parse_values
 from sdstack.generate.job import GenerationJob
+from sdstack.lora.job_weights import set_lora_weight
 from sdstack.prompt.errors import shorten
 from sdstack.registry import Registry, normalise_name
 from sdstack.validate import SettingError
@@ -179,7 +180,7 @@ def _set_prompt_sr(job: GenerationJob, value: Any, axis: Axis) -> GenerationJob:
 
 
 def _set_lora(parts: str) -> Setter:
-    return lambda job, value, axis: gv.set_lora_weight(job, str(axis.target), value, parts)
+    return lambda job, value, axis: set_lora_weight(job, str(axis.target), value, parts)
 
 
 GRID_AXES: Registry[AxisKind] = Registry("grid axis", UnknownGridAxisError)

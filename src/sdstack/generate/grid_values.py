@@ -18,27 +18,24 @@ empty or enormous axis, :class:`GridAxisError` names the field and the forms exp
 numpy is imported only when a range needs it.
 
 Then each value is checked for the setting it goes to (``check_*``: the ranges of
-``GenerationParams``), and :func:`set_lora_weight` writes a LoRA axis's weight into a job.
+``GenerationParams``; a LoRA axis's weight is written by ``sdstack.lora.job_weights``).
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sdstack.errors import SdstackError
-from sdstack.generate.job import GenerationJob
 from sdstack.generate.params import MAX_CFG, MAX_PIXELS, MAX_SEED, MAX_SIZE, MIN_SIZE
 from sdstack.generate.samplers import SCHEDULES, resolve_sampler
-from sdstack.lora.spec import LoraSpec, check_multiplier, specs_from_entries
+from sdstack.lora.spec import check_multiplier
 from sdstack.prompt.errors import shorten
 from sdstack.prompt.limits import MAX_STEPS
-from sdstack.prompt.networks import NetworkTag, extract_networks
 from sdstack.validate import check_clip_skip, check_emphasis, check_int, check_number
 
 MAX_AXIS_VALUES = 10_000
@@ -391,60 +388,3 @@ def check_file_name(what: str) -> Callable[[str], str]:
 def check_weight(value: float) -> float:
     """A LoRA multiplier: finite, within +-1000."""
     return check_multiplier(value, "LoRA weight value")
-
-
-# --- LoRA weights written into a job --------------------------------------------------
-
-
-def set_lora_weight(job: GenerationJob, name: str, value: float, parts: str) -> GenerationJob:
-    """``job`` with LoRA ``name`` at ``value``: ``parts`` "both" sets the text-encoder and
-    UNet multipliers, "te" or "unet" only that one (the other keeps its value).
-
-    Every ``<lora:name...>`` tag of the prompt is rewritten in place (``lbw=``, ``dyn``
-    and the rest of the prompt kept); without such a tag, the ``job.networks`` entry of
-    that name is changed, or a :class:`LoraSpec` appended.
-    """
-    prompt = job.params.prompt
-    tags = [t for t in extract_networks(prompt)[1] if t.kind == "lora" and t.name == name]
-    if not tags:
-        return dataclasses.replace(job, networks=_set_network(job.networks, name, value, parts))
-    pieces, end = [], 0
-    for tag in tags:
-        start, stop = tag.span
-        pieces += [prompt[end:start], _rewrite_tag(tag, value, parts)]
-        end = stop
-    return job.replace(prompt="".join([*pieces, prompt[end:]]))
-
-
-def _weights(te: float, unet: float, value: float, parts: str) -> tuple[float, float]:
-    return (value if parts != "unet" else te), (value if parts != "te" else unet)
-
-
-def _rewrite_tag(tag: NetworkTag, value: float, parts: str) -> str:
-    """The tag with its multipliers as positional items: ``<lora:name:te[:unet]...>``."""
-    te, unet = _weights(tag.te, tag.unet, value, parts)
-    positional = [item for item in tag.items if item.count("=") != 1]
-    named = [item for item in tag.items if item.count("=") == 1]
-    named = [item for item in named if item.split("=")[0] not in ("te", "unet")]
-    numbers = [_number(te)] + ([_number(unet)] if unet != te or len(positional) > 3 else [])
-    return f"<{tag.written_kind}:{':'.join([positional[0], *numbers, *positional[3:], *named])}>"
-
-
-def _set_network(networks: Sequence[Any], name: str, value: float, parts: str) -> tuple:
-    out, found = [], False
-    for entry, spec in zip(networks, specs_from_entries(networks), strict=True):
-        if spec.name == name:
-            te, unet = _weights(spec.te, spec.unet_multiplier, value, parts)
-            entry = dataclasses.replace(spec, te=te, unet=None if unet == te else unet)
-            found = True
-        out.append(entry)
-    if not found:
-        te, unet = _weights(1.0, 1.0, value, parts)
-        out.append(LoraSpec(name, te, None if unet == te else unet))
-    return tuple(out)
-
-
-def _number(value: float) -> str:
-    """A multiplier as tag text: ``1``, ``0.5``, ``0.123456789`` (``float`` reads it back)."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() and abs(value) < 1e16 else repr(value)
