@@ -71,21 +71,13 @@ def run_demo(args: argparse.Namespace) -> int:
 def _demo_grid(args: argparse.Namespace, job: Any) -> int:
     """The demo prompt as a grid over the tiny model: cells, then the grid, printed."""
     from sdstack.cli import CommandError
-    from sdstack.generate.grid import plan_grid, run_grid
+    from sdstack.commands.grid import run_with_progress
+    from sdstack.generate.grid import plan_grid
     from sdstack.models.tiny import tiny_components
 
     if args.x is None:
         raise CommandError("a grid needs --x AXIS=VALUES (then --y and --z if you like)")
     plan = plan_grid(job, args.x, args.y, args.z)
     with JobProgress() as progress:
-        result = run_grid(
-            plan,
-            tiny_components(seed=0),
-            out=args.out,
-            on_cell=lambda cell: progress.write(str(cell.path)),
-            callback=progress.on_step,
-            on_phase=progress.on_phase,
-        )
-        for path in result.paths:
-            progress.write(str(path))
+        run_with_progress(plan, tiny_components(seed=0), progress, out=args.out)
     return 0

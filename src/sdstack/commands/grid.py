@@ -71,7 +71,7 @@ def run_grid_command(args: argparse.Namespace) -> int:
     from sdstack.commands.grid_spec import apply_spec
     from sdstack.commands.job_files import resolve_files
     from sdstack.commands.lora_options import find_job_loras
-    from sdstack.generate.grid import plan_grid, run_grid
+    from sdstack.generate.grid import plan_grid
     from sdstack.generate.outputs import check_output_folder
 
     # 1. Options (the spec file fills what the command line left unset), job, axes, files.
@@ -96,21 +96,34 @@ def run_grid_command(args: argparse.Namespace) -> int:
     _check_device(args)
     # 2. Load and make the cells (each saved as it is decoded), then the grids.
     with JobProgress(enabled=not args.quiet) as progress:
-        result = run_grid(
+        run_with_progress(
             plan,
             lambda model, vae: loader(model, vae, progress),
+            progress,
             out=args.out,
             fmt=args.format,
             loras=loras,
             batch=not args.no_batch,
             margin=args.margin,
-            on_cell=lambda cell: progress.write(str(cell.path)),
-            callback=progress.on_step,
-            on_phase=progress.on_phase,
         )
-        for path in result.paths:
-            progress.write(str(path))
     return 0
+
+
+def run_with_progress(plan: Any, model: Any, progress: JobProgress, **options: Any) -> Any:
+    """``run_grid`` with the phase display; each cell's path, then the grids', printed."""
+    from sdstack.generate.grid import run_grid
+
+    result = run_grid(
+        plan,
+        model,
+        on_cell=lambda cell: progress.write(str(cell.path)),
+        callback=progress.on_step,
+        on_phase=progress.on_phase,
+        **options,
+    )
+    for path in result.paths:
+        progress.write(str(path))
+    return result
 
 
 def _model_loader(args: argparse.Namespace, paths: Any, plan: Any) -> Any:
