@@ -320,3 +320,23 @@ def test_a_smaller_budget_drops_the_oldest_deltas():
     cache.resize(500)
     assert cache.get(("a", "x")) is None and cache.get(("b", "x")) is not None
     assert cache.bytes == 400
+
+
+def test_owners_keep_their_patches_and_their_order_is_fixed(model):
+    fresh = tiny_components(seed=3)
+    first = ModelPatcher(model)
+    first.apply(patches_of([("a", 0.5)]), owner="merge")
+    first.apply(patches_of([("d", 1.0)]), owner="lora")  # the merge patches stay
+    assert {name: len(p) for name, p in first.owned.items()} == {"merge": 3, "lora": 3}
+    second = ModelPatcher(fresh)
+    second.apply(patches_of([("d", 1.0)]), owner="lora")
+    second.apply(patches_of([("a", 0.5)]), owner="merge")
+    assert weights_fingerprint(model) == weights_fingerprint(fresh)  # order of applying
+    first.apply([], owner="lora")
+    only_merge = tiny_components(seed=3)
+    ModelPatcher(only_merge).apply(patches_of([("a", 0.5)]), owner="merge")
+    assert weights_fingerprint(model) == weights_fingerprint(only_merge)
+    first.restore()
+    assert first.owned == {} and weights_fingerprint(model) == weights_fingerprint(
+        tiny_components(seed=3)
+    )

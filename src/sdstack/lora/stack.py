@@ -31,6 +31,8 @@ from sdstack.lora.library import LoraLibrary
 from sdstack.lora.spec import LoraSpec, specs_from_entries
 from sdstack.models.patcher import Patch, PatchStats, patcher_of
 
+LORA_OWNER = "lora"
+"""The patcher owner of LoRA patches (a merge applied as patches stays under them)."""
 KEPT_FILES = 8
 """Read LoRA files kept per model, least recently used out."""
 _MAX_LISTED_KEYS = 8
@@ -114,7 +116,7 @@ def set_loras(
     loras = [_active_lora(patcher, spec, library) for spec in specs]
     # 2. One patch per module, then the patcher rebuilds what changed.
     patches = [patch for lora in loras for patch in lora_patches(lora)]
-    stats = patcher.apply(patches)
+    stats = patcher.apply(patches, owner=LORA_OWNER)
     patcher.lora_stack = LoraStack(tuple(loras), stats)
     patcher.lora_owner = "user"
     return patcher.lora_stack
@@ -123,7 +125,7 @@ def set_loras(
 def active_loras(model: Any) -> LoraStack | None:
     """The stack last applied by :func:`set_loras` (None if none or it was removed)."""
     patcher = getattr(model, "patcher", None)
-    if patcher is None or not patcher.patches:
+    if patcher is None or not patcher.owned.get(LORA_OWNER):
         return None
     stack = patcher.lora_stack
     return stack if stack is not None and stack.loras else None

@@ -59,14 +59,14 @@ class ModelComponents:
         Applied patches (LoRAs) are taken off first and put back after the move, so the
         originals move too and the patched weights are rebuilt in the new dtype.
         """
-        patches = self.patcher.patches if self.patcher is not None else ()
+        owned = self.patcher.owned if self.patcher is not None else {}
         if self.patcher is not None:
             self.patcher.restore()
             self.patcher.forget_cache()
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
-        if patches:
-            self.patcher.apply(patches)
+        if owned:
+            self.patcher.apply_owned(owned)
         return self
 
     def diffusers_pipeline(self, scheduler: Any = None) -> Any:

@@ -80,6 +80,7 @@ class ModelPatcher:
         self._applied: dict[str, tuple[tuple[str, float], ...]] = {}
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}  # our patched tensors
         self._patches: tuple[Patch, ...] = ()
+        self._owned: dict[str, tuple[Patch, ...]] = {}
         # Kept here for sdstack.lora.stack: the applied stack, the files read, who applied it.
         self.lora_stack: Any = None
         self.lora_files: OrderedDict[Any, Any] = OrderedDict()
@@ -88,7 +89,7 @@ class ModelPatcher:
 
     @property
     def patches(self) -> tuple[Patch, ...]:
-        """The patches the model carries now, in the order given to :meth:`apply`."""
+        """The patches the model carries now: every owner's, owners in name order."""
         return self._patches
 
     @property
@@ -96,19 +97,33 @@ class ModelPatcher:
         """Keys of the layers whose weights differ from the originals now."""
         return tuple(self._applied)
 
-    def apply(self, patches: Iterable[Patch]) -> PatchStats:
-        """Make the model carry exactly ``patches`` (whatever it carried before).
+    @property
+    def owned(self) -> dict[str, tuple[Patch, ...]]:
+        """The patches the model carries, by owner (``"lora"``, ``"merge"``...)."""
+        return dict(self._owned)
 
-        A layer whose ``(source, strength)`` list is unchanged is left alone; one with no
+    def apply(self, patches: Iterable[Patch], *, owner: str = "patches") -> PatchStats:
+        """Make ``owner``'s patches exactly ``patches``; other owners' patches stay.
+
+        The model then carries every owner's patches, owners in name order (so the sum,
+        and its rounding, never depends on the order they were applied in). A layer
+        whose ``(source, strength)`` list is unchanged is left alone; one with no
         patches left gets its original tensors back; every other one is rebuilt from its
-        originals. Patches of one layer are summed in the order given.
+        originals. Patches of one layer are summed in that order.
 
         Raises:
             PatchError: a layer this model does not have, a strength that is not finite,
                 a delta whose shape differs from its parameter's. Layers rebuilt before the
                 failure are restored (the model is left unpatched rather than half-patched).
         """
-        patches = tuple(patches)
+        owned = {**self._owned, owner: tuple(patches)}
+        if not owned[owner]:
+            del owned[owner]
+        return self.apply_owned(owned)
+
+    def apply_owned(self, owned: dict[str, tuple[Patch, ...]]) -> PatchStats:
+        """Make the model carry exactly ``owned`` (owner -> patches); see :meth:`apply`."""
+        patches = tuple(p for name in sorted(owned) for p in owned[name])
         by_layer = _group_by_layer(patches)
         for layer in by_layer:
             self._check_layer(layer)
@@ -129,14 +144,17 @@ class ModelPatcher:
         except BaseException:
             self.restore()
             raise
+        self._owned = {name: tuple(owned[name]) for name in owned}
         self._patches = patches
         return stats
 
     def restore(self) -> None:
-        """Every patched layer gets its original tensors back (bit-exact)."""
+        """Every patched layer gets its original tensors back (bit-exact); no owner keeps
+        any patch."""
         for layer in list(self._applied):
             self._restore_layer(layer)
         self._patches = ()
+        self._owned = {}
 
     def forget_cache(self) -> None:
         """Drop every cached delta (after the model moved device or dtype)."""
