@@ -358,6 +358,13 @@ def _check_device(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace, paths: Any, progress: JobProgress) -> Any:
     from sdstack.models import load_model
 
+    if paths.merge is not None:  # merge:A,B,...: A loaded, the merge applied as patches
+        from sdstack.merge.patch import load_merged
+
+        return load_merged(
+            paths.merge, vae=paths.vae, dtype=args.dtype, device=args.device,
+            config_dir=args.config_dir, progress=progress.loading,
+        )  # fmt: skip
     return load_model(
         paths.model,
         vae=paths.vae,

@@ -20,7 +20,8 @@ from sdstack.commands.progress import JobProgress
 AXIS_HELP = (
     "AXIS=VALUES, e.g. clip-skip=1,2,3 or 'Prompt S/R=dog,cat' or lora:film=0-1 [5]; axes: "
     "seed, steps, cfg, sampler, schedule-type, clip-skip, emphasis, size, denoising, "
-    "checkpoint, vae, prompt-sr, lora:NAME, lora-te:NAME, lora-unet:NAME (the reference UI's "
+    "checkpoint, vae, prompt-sr, lora:NAME, lora-te:NAME, lora-unet:NAME, merge-alpha, "
+    "merge-blocks (with --model merge:A,B,...; the reference UI's "
     "labels work too); values: comma lists with quoting, 1-5, 1-10 (+2), 0-1 [5]"
 )
 
@@ -84,6 +85,8 @@ def run_grid_command(args: argparse.Namespace) -> int:
     loras = find_job_loras(job, paths.library)
     if paths.embeddings is not None:
         job.embeddings = str(paths.embeddings)
+    if paths.merge is not None:  # merge:A,B,...: A loads once, each cell is patched
+        job.model = paths.merge.text()
     plan = plan_grid(
         job, args.x, args.y, args.z, vary_seeds=args.vary_seeds,
         max_megapixels=args.max_megapixels,
@@ -129,19 +132,20 @@ def run_with_progress(plan: Any, model: Any, progress: JobProgress, **options: A
 def _model_loader(args: argparse.Namespace, paths: Any, plan: Any) -> Any:
     """``load(model, vae, progress)`` for the cells; every checkpoint and VAE an axis names
     is found now (``--root`` names and hashes), before anything loads."""
+    from sdstack.generate.grid import loaded_model
     from sdstack.models.root import resolve_model_paths
 
-    found: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+    base = loaded_model(plan.job)
+    found: dict[tuple[Any, Any], tuple[Any, Any]] = {base: (paths.model, paths.vae)}
     for cell in plan.cells:
-        key = (cell.job.model, cell.job.vae)
+        key = loaded_model(cell.job)
         if key in found:
             continue
-        if key == (plan.job.model, plan.job.vae):
-            found[key] = (paths.model, paths.vae)
-            continue
-        model = cell.job.model if cell.job.model is not None else str(paths.model)
-        vae = cell.job.vae if cell.job.vae is not None else paths.vae
-        resolved = resolve_model_paths(args.root, model=model, vae=vae and str(vae))
+        model = key[0] if key[0] is not None else str(paths.model)
+        vae = key[1] if key[1] is not None else paths.vae
+        resolved = resolve_model_paths(
+            args.root, model=model, vae=vae and str(vae), embeddings=None
+        )
         _require_file(resolved.model, "checkpoint axis value", folder_ok=True)
         if resolved.vae is not None:
             _require_file(resolved.vae, "VAE axis value")

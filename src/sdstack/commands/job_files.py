@@ -7,7 +7,11 @@ Resolved against ``--root`` / ``$SDSTACK_ROOT`` (names and hashes, see
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 from typing import Any
+
+from sdstack.merge.patch import is_merge_spec
 
 
 def resolve_files(args: argparse.Namespace, job: Any) -> Any:
@@ -35,7 +39,13 @@ def resolve_files(args: argparse.Namespace, job: Any) -> Any:
     vae = args.vae
     if vae is None and job.vae is not None:
         vae = _infotext_vae(library, job)
+    merge = None
+    if is_merge_spec(model):  # merge:A,B,alpha=0.3: A loads, B (and C) are patches
+        merge = _resolve_merge(args.root, str(model))
+        model = merge.a
     paths = resolve_model_paths(args.root, model=model, vae=vae, embeddings=args.embeddings)
+    if merge is not None:
+        paths = dataclasses.replace(paths, merge=merge)
     _require(paths.model, "--model", folder_ok=True)
     if paths.vae is not None:
         _require(paths.vae, "--vae")
@@ -44,6 +54,21 @@ def resolve_files(args: argparse.Namespace, job: Any) -> Any:
     if args.config_dir is not None:
         _require(args.config_dir, "--config-dir", folder_ok=True, file_ok=False)
     return paths
+
+
+def _resolve_merge(root: Any, text: str) -> Any:
+    """The ``merge:`` spec with each model found (``--root`` names) and checked to exist."""
+    from sdstack.merge.patch import parse_merge_spec
+    from sdstack.models.root import open_library, resolve_path
+
+    library = open_library(root)
+
+    def resolve(name: str) -> str:
+        path = resolve_path(library, "checkpoint", name) if library is not None else Path(name)
+        _require(path, f"--model {text!r}: model", file_ok=True)
+        return str(path)
+
+    return parse_merge_spec(text).with_files(resolve)
 
 
 def _infotext_vae(library: Any, job: Any) -> str | None:

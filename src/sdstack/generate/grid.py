@@ -7,13 +7,15 @@ off) unless ``vary_seeds``. :func:`run_grid` then makes the cells:
 1. cells are visited in the reference's order by axis cost (checkpoints, then VAEs,
    change least often; ``grid_axes.loop_order``), and a checkpoint or VAE is loaded once
    per run of cells that use it;
-2. consecutive cells with the same LoRA stack whose prepared jobs differ only in their
+2. a ``merge:A,B,alpha=...`` model loads A once; each cell applies its alpha and block
+   weights as patches (the ``merge-alpha`` and ``merge-blocks`` axes);
+3. consecutive cells with the same LoRA stack whose prepared jobs differ only in their
    conditioning (clip skip, prompt S/R, emphasis, CFG...) share one UNet batch per step
    (``cell_batch.sample_cells``); a LoRA-weight axis switches stacks through the model's
    patcher (cached deltas, no file read);
-3. every cell is saved with its own infotext the moment it is decoded
+4. every cell is saved with its own infotext the moment it is decoded
    (``OUT/NNNNN-SEED.png``), so an interrupted grid keeps what it made;
-4. one grid per Z value, ``OUT/grid-NNNNN.png``: the cells left to right, top to bottom,
+5. one grid per Z value, ``OUT/grid-NNNNN.png``: the cells left to right, top to bottom,
    with the reference's label strips, and the first cell's infotext plus the axes
    (``Script: X/Y/Z plot, X Type: ..., X Values: ...``).
 
@@ -220,8 +222,8 @@ def run_grid(
         if loader is not None:
             components = None  # the previous model goes before the next one loads
             state.on_phase("loading")
-            components = loader(*key)
-        elif key != (plan.job.model, plan.job.vae):
+            components = loader(*loaded_model(cells[0].job))
+        elif key != _model_key(plan.job):
             raise GridError(
                 "the grid has a checkpoint or VAE axis: pass a loader, load(model, vae) -> "
                 "ModelComponents, instead of a loaded model"
@@ -253,11 +255,29 @@ def grid_infotext(first_cell: str | None, axes: dict[str, Axis | None]) -> str:
     return f"{first_cell or ''}, {extra}" if extra else first_cell or ""
 
 
+def _model_key(job: GenerationJob) -> tuple[Any, Any]:
+    """What a cell needs loaded: its checkpoint and VAE; for a ``merge:`` model its files
+    and method (the alpha and block weights are patches, applied per cell)."""
+    from sdstack.merge.patch import is_merge_spec, parse_merge_spec
+
+    if is_merge_spec(job.model):
+        return (parse_merge_spec(job.model).base, job.vae)
+    return (job.model, job.vae)
+
+
+def loaded_model(job: GenerationJob) -> tuple[Any, Any]:
+    """``(model, vae)`` the loader is called with: a merge's model A."""
+    from sdstack.merge.patch import is_merge_spec, parse_merge_spec
+
+    model = parse_merge_spec(job.model).a if is_merge_spec(job.model) else job.model
+    return model, job.vae
+
+
 def _runs_by_model(cells: Sequence[GridCell]) -> list[tuple[tuple[Any, Any], list[GridCell]]]:
     """Consecutive cells grouped by the (checkpoint, VAE) they use."""
     runs: list[tuple[tuple[Any, Any], list[GridCell]]] = []
     for cell in cells:
-        key = (cell.job.model, cell.job.vae)
+        key = _model_key(cell.job)
         if runs and runs[-1][0] == key:
             runs[-1][1].append(cell)
         else:
@@ -274,9 +294,10 @@ def _make_cells(components: Any, cells: Sequence[GridCell], state: _Run) -> None
     pending: list[tuple[GridCell, Any]] = []
     pending_key: Any = None
     for cell in cells:
-        stack = tuple(cell.job.lora_specs())
+        stack = (tuple(cell.job.lora_specs()), cell.job.model)
         if pending and stack != pending_key[0]:
             _flush(components, pending, state)
+        _apply_cell_merge(components, cell.job)
         state.on_phase("encoding")
         prepared = prepare(components, cell.job.params, **_cell_inputs(components, cell, state))
         key = (stack, batch_key(prepared) if state.batch else None)
@@ -287,6 +308,16 @@ def _make_cells(components: Any, cells: Sequence[GridCell], state: _Run) -> None
         if key[1] is None:
             _flush(components, pending, state)
     _flush(components, pending, state)
+
+
+def _apply_cell_merge(components: Any, job: GenerationJob) -> None:
+    """A cell of a ``merge:`` model re-weights the merge through the patcher."""
+    from sdstack.merge.patch import apply_merge, is_merge_spec, parse_merge_spec
+
+    if is_merge_spec(job.model):
+        spec = parse_merge_spec(job.model)
+        apply_merge(components, spec)
+        components.name, components.path = spec.text(), None  # the infotext's Model
 
 
 def _cell_inputs(components: Any, cell: GridCell, state: _Run) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from sdstack.generate import grid_values as gv
 from sdstack.generate.grid_values import GridAxisError, parse_values
 from sdstack.generate.job import GenerationJob
 from sdstack.lora.job_weights import set_lora_weight
+from sdstack.merge.blocks import check_merge_block_text
+from sdstack.merge.patch import set_merge_alpha, set_merge_blocks
 from sdstack.prompt.errors import shorten
 from sdstack.registry import Registry, normalise_name
 from sdstack.validate import SettingError
@@ -214,6 +216,11 @@ for _kind, _aliases in (
               setter=_set_lora("te")), ("lora text encoder",)),
     (AxisKind("lora-unet", "LoRA UNet", float, takes_target=True, check=gv.check_weight,
               setter=_set_lora("unet")), ()),
+    (AxisKind("merge-alpha", "Merge alpha", float, check=gv.check_weight,
+              setter=lambda job, value, _axis: set_merge_alpha(job, value)), ()),
+    (AxisKind("merge-blocks", "Merge blocks", str, label_style="value",
+              check=check_merge_block_text,
+              setter=lambda job, value, _axis: set_merge_blocks(job, value)), ()),
 ):  # fmt: skip
     GRID_AXES.register(_kind.name, _kind, aliases=(_kind.label, *_aliases))
 

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdstack.errors import SdstackWarning
 from sdstack.models import hashes
@@ -55,6 +56,7 @@ class ResolvedPaths:
     vae: Path | None
     embeddings: Path | None
     lora_folders: tuple[Path, ...]
+    merge: Any = None  # a ``merge:`` model: the MergeSpec, ``model`` is its A
 
 
 def open_library(
