@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "sdstack.commands.models",
     "sdstack.commands.lora",
     "sdstack.commands.grid",
+    "sdstack.commands.merge",
 )
 
 

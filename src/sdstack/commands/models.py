@@ -1,4 +1,5 @@
-"""``sdstack models``: what a reference-UI install folder holds, with the infotext hashes."""
+"""``sdstack models``: what a reference-UI install folder holds, with the infotext hashes;
+``models check``: broken CLIP ``position_ids`` in a checkpoint, repaired with ``--fix``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import warnings
 
 
 def register(subparsers) -> None:
-    """Add ``models`` and ``models list``."""
+    """Add ``models``, ``models list`` and ``models check``."""
     group = subparsers.add_parser(
         "models",
         help="list checkpoints, LoRAs, VAEs and embeddings of a web UI install folder",
@@ -48,6 +49,25 @@ def register(subparsers) -> None:
         help="do not read files to hash them (hashes already in the cache are still shown)",
     )
     listing.set_defaults(handler=run_list)
+    _register_check(commands)
+
+
+def _register_check(commands) -> None:
+    check = commands.add_parser(
+        "check",
+        help="report broken CLIP position_ids in a checkpoint (--fix writes a repaired copy)",
+        description="Check the CLIP position_ids of a checkpoint: SD1.x expects int64 ids "
+        "0..76. Merges that averaged them as floats left ids like 75.9995, which truncate "
+        "to the wrong token position and shift every image a little. Exit status 0 when "
+        "they are fine (or repaired), 1 when broken ids are found. With --fix -o OUT, a "
+        "copy with int64 0..76 is written (every other tensor and the metadata unchanged, "
+        "streamed tensor by tensor, OUT appearing only when complete).",
+    )
+    check.add_argument("file", metavar="FILE", help="checkpoint (.safetensors, .ckpt)")
+    check.add_argument("--fix", action="store_true", help="write a repaired copy to OUT")
+    check.add_argument("-o", "--out", default=None, metavar="OUT", help="new .safetensors")
+    check.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    check.set_defaults(handler=run_check)
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:
@@ -186,4 +206,38 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         _print_table(rows, kinds)
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Handler of ``sdstack models check``."""
+    from sdstack.cli import CommandError
+    from sdstack.merge.repair import check_position_ids, repair_position_ids
+
+    # 1. --fix and -o come together.
+    if args.fix and args.out is None:
+        raise CommandError("--fix: give the repaired file's name with -o OUT")
+    if args.out is not None and not args.fix:
+        raise CommandError(f"-o {args.out}: writing a copy needs --fix")
+    # 2. Check (and repair).
+    if args.fix:
+        report, written = repair_position_ids(args.file, args.out, overwrite=args.overwrite)
+    else:
+        report, written = check_position_ids(args.file), None
+    # 3. Report.
+    if not report.keys:
+        print(f"{report.path}: no position_ids tensor; nothing to check")
+    elif report.ok:
+        print(f"{report.path}: position_ids are fine ({report.summary()})")
+    for problem in report.problems:
+        print(f"{report.path}: {problem.describe()}")
+    if written is not None:
+        print(f"{written}: repaired copy written (position_ids int64 0..n-1)")
+        return 0
+    if args.fix:
+        print(f"{report.path}: nothing to repair; nothing written")
+        return 0
+    if report.problems:
+        print(f"repair with: sdstack models check {report.path} --fix -o FIXED.safetensors")
+        return 1
     return 0

@@ -34,6 +34,15 @@ _EXPORTS = {
     "alpha_of_key": "blocks",
     "check_merge_blocks": "blocks",
     "parse_merge_blocks": "blocks",
+    "MergeSettings": "settings",
+    "merge_checkpoints": "stream",
+    "merge_state_dicts": "stream",
+    "merged_tensors": "stream",
+    "run_recipe": "chain",
+    "load_merged": "patch",
+    "apply_merge": "patch",
+    "remove_merge": "patch",
+    "parse_merge_spec": "patch",
 }
 
 __all__ = sorted([*_EXPORTS, "MergeError"])
