@@ -9,8 +9,7 @@ Names are imported on first use, so ``from sdstack.generate import parse_infotex
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sdstack.lazy import lazy_exports
 
 _EXPORTS = {
     "GenerationCancelled": "denoise",
@@ -51,14 +50,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sdstack.generate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sdstack.generate.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("sdstack.generate", _EXPORTS, globals())

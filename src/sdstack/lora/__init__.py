@@ -10,8 +10,7 @@ parser checks LoRA tags without torch).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sdstack.lazy import lazy_exports
 
 _EXPORTS = {
     "set_loras": "stack",
@@ -39,14 +38,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sdstack.lora' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sdstack.lora.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("sdstack.lora", _EXPORTS, globals())

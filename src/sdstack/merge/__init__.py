@@ -12,10 +12,8 @@ parser does not import torch. :class:`MergeError` is the base of every merge err
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from sdstack.errors import SdstackError
+from sdstack.lazy import lazy_exports
 
 
 class MergeError(SdstackError):
@@ -48,14 +46,4 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "MergeError"])
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sdstack.merge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sdstack.merge.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("sdstack.merge", _EXPORTS, globals())
