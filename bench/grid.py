@@ -37,8 +37,8 @@ the file kept).
 
 Usage::
 
-    .venv/bin/python bench/grid.py --quick     # tiny model, 64x64 (seconds)
-    .venv/bin/python bench/grid.py             # real shapes, 256x256, fp32 (minutes)
+    .venv/bin/python bench/grid.py --quick     # tiny model, 64x64 (about 2 minutes: 8 processes)
+    .venv/bin/python bench/grid.py             # real shapes, 256x256, fp32 (about 6 minutes)
     .venv/bin/python bench/grid.py --size 128 --steps 4 --repeats 3
 """
 
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--cli"]:
         return cli_shim(argv[1], argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 64x64 (seconds)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 64x64 (about 2 minutes)")
     parser.add_argument("--size", type=int, help="width = height (default 256; 64 quick)")
     parser.add_argument("--steps", type=int, default=4, help="Euler steps (default 4)")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
