@@ -33,6 +33,9 @@ COMMAND_MODULES = (
     "sdstack.commands.lora",
     "sdstack.commands.grid",
     "sdstack.commands.merge",
+    "sdstack.commands.control",
+    "sdstack.commands.deproject",
+    "sdstack.commands.train",
 )
 
 

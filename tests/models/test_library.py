@@ -182,7 +182,7 @@ def test_root_errors(tmp_path):
     (tmp_path / "unrelated").mkdir()
     message = (
         r"does not look like a web UI install folder: none of models/Stable-diffusion, "
-        r"models/Lora, models/LyCORIS, models/VAE, embeddings found"
+        r"models/Lora, models/LyCORIS, models/VAE, embeddings, models/ControlNet found"
     )
     with pytest.raises(ModelLibraryError, match=message):
         ModelLibrary(tmp_path)

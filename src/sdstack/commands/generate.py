@@ -10,6 +10,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from sdstack.commands.control_options import (
+    add_control_options,
+    apply_control_options,
+    control_options,
+)
 from sdstack.commands.lora_options import add_lora_options, apply_lora_options, find_job_loras
 from sdstack.commands.progress import JobProgress
 
@@ -102,6 +107,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_sampling_options(parser)
     add_lora_options(parser)
+    add_control_options(parser)
     parser.add_argument("--embeddings", default=None, help="folder of textual-inversion files")
     parser.add_argument("--vae", default=None, help="separate VAE file (or a name with --root)")
     parser.add_argument(
@@ -289,6 +295,7 @@ def build_job(args: argparse.Namespace) -> Any:
     else:
         job = GenerationJob(GenerationParams(**explicit))
     apply_lora_options(args, job)
+    apply_control_options(args, job)
     job.check(option_names(explicit, bool(args.from_infotext)))
     return job
 
@@ -340,7 +347,9 @@ def run_generate(args: argparse.Namespace) -> int:
             _note_other_model(job, components)
         if paths.embeddings is not None:
             job.embeddings = str(paths.embeddings)  # generate() loads the library
-        run_job(components, job, progress, save, loras=loras)
+        run_job(
+            components, job, progress, save, loras=loras, control_options=control_options(args)
+        )
     return 0
 
 
@@ -382,6 +391,7 @@ def run_job(
     save: Callable[[Any], Any],
     *,
     loras: Any = None,
+    control_options: dict[str, Any] | None = None,
 ) -> list[Any]:
     """``generate`` with the phase display; ``save(result)`` runs for each image as soon as
     it is decoded (its path printed), so finished images survive a later failure."""
@@ -397,4 +407,5 @@ def run_job(
         on_phase=progress.on_phase,
         on_image=on_image,
         loras=loras,
+        control_options=control_options,
     )

@@ -68,6 +68,9 @@ class GenerationJob:
         model_hash: the ``Model hash`` an infotext named (to find or check the model).
         unhonoured: infotext fields this job cannot apply, field -> value; the CLI
             prints them, a caller can refuse to run.
+        controls: ControlNet units (``sdstack.control.ControlUnit``), in order. Read
+            back from an infotext's ``ControlNet 0``, ``ControlNet 1``, ... without their
+            images (the infotext does not carry them).
     """
 
     params: GenerationParams
@@ -79,6 +82,7 @@ class GenerationJob:
     lora_hashes: dict[str, str] = field(default_factory=dict)
     model_hash: str | None = None
     unhonoured: dict[str, str] = field(default_factory=dict)
+    controls: tuple[Any, ...] = ()
 
     def check(self, names: Mapping[str, str] | None = None) -> None:
         """Every setting checked (see :func:`check_inputs`), the LoRA stack read.
@@ -91,6 +95,8 @@ class GenerationJob:
         check_inputs(self.params, dict(names or {}))
         self.lora_specs()
         check_prompt_texts(self.params)
+        for index, unit in enumerate(self.controls):
+            unit.checked(f"ControlNet unit {index}")
 
     def lora_specs(self) -> list[Any]:
         """The job's LoRA stack: the prompt's tags, then ``networks`` (``LoraSpec`` list)."""
@@ -109,6 +115,7 @@ class GenerationJob:
         Raises:
             SdstackError: a field that does not parse, naming field and value.
         """
+        from sdstack.control.unit import units_from_infotext
         from sdstack.generate.infotext import params_from_infotext, parse_infotext
 
         info = parse_infotext(text)
@@ -120,6 +127,7 @@ class GenerationJob:
             model_hash=info.get("Model hash"),
             lora_hashes=parse_lora_hashes(info.get("Lora hashes", "")),
             unhonoured=unhonoured_fields(info, img2img=values.get("init_image") is not None),
+            controls=tuple(units_from_infotext(info)),
         )
 
     def infotext(
@@ -197,7 +205,7 @@ def unhonoured_fields(info: Mapping[str, str], *, img2img: bool) -> dict[str, st
     """
     result: dict[str, str] = {}
     for key, value in info.items():
-        if key in HONOURED_FIELDS or key in INFORMATIONAL_FIELDS:
+        if key in HONOURED_FIELDS or key in INFORMATIONAL_FIELDS or is_control_field(key):
             continue
         if key.endswith(("-1", "-2")) and key[:-2] in info:
             continue  # the W and H halves of a WxH field
@@ -207,6 +215,12 @@ def unhonoured_fields(info: Mapping[str, str], *, img2img: bool) -> dict[str, st
             continue
         result[key] = value
     return result
+
+
+def is_control_field(key: str) -> bool:
+    """``ControlNet 0``, ``ControlNet 1``, ...: a ControlNet unit's infotext field."""
+    name, _, index = key.partition(" ")
+    return name == "ControlNet" and index.isdigit()
 
 
 def describe_unhonoured(unhonoured: Mapping[str, str]) -> str:

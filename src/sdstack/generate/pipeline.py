@@ -114,6 +114,8 @@ def prepare(
     loras: Any = None,
     networks: Sequence[Any] = (),
     lora_hashes: Mapping[str, str] | None = None,
+    controls: Sequence[Any] = (),
+    control_options: Mapping[str, Any] | None = None,
 ) -> PreparedJob:
     """Check ``params``, apply its LoRA stack, encode the prompt, negative and init image.
 
@@ -123,12 +125,16 @@ def prepare(
     ``sdstack.lora.job_stack``). Prompt schedules (``[a:b:when]``, ``[a|b]``) are resolved
     over ``steps``, or ``2 * steps`` for the second-order samplers (Heun, DPM2, DPM2 a,
     DPM++ SDE) as the reference does. The empty prompt is encoded only with ``pad_conds``.
+    ``controls`` (``sdstack.control.ControlUnit``) run their ControlNets on every UNet
+    call (``sdstack.control.hook``); ``control_options`` may give ``root`` (where model
+    names are found) and ``cache`` (a ``ControlNetCache`` shared across jobs).
 
     Raises:
         SettingError, UnknownSamplerError, SamplerUnavailableError: bad settings.
         PromptNotSupportedError: extra-network tags other than LoRA.
         LoraNotFoundError, LoraFileError: a LoRA that cannot be found or used.
     """
+    from sdstack.control.prepare import job_control_hooks
     from sdstack.lora.job_stack import infotext_prompt, prepare_job_loras, with_bundled_embeddings
 
     # 1. Check inputs; apply the LoRA stack; canonical names for the infotext.
@@ -145,11 +151,18 @@ def prepare(
         emphasis=check_emphasis(params.emphasis),
     )
     scheduler = make_scheduler(spec, schedule_type, components.scheduler_config)
-    # 2. Encode the prompt schedules, the init image (img2img); the infotext fields.
-    denoiser = _guided_denoiser(components, params, spec, embeddings, hooks)
-    init_latents, start, steps_run = None, 0, params.steps
+    start, steps_run = 0, params.steps
     if params.is_img2img:
         start, steps_run = img2img_start(params.steps, params.denoising_strength)
+    calls = len(_timesteps(scheduler, params.steps, start))
+    # 2. The ControlNet units: models, control maps, their UNet hook.
+    control_hooks, control_fields = job_control_hooks(
+        components, params, controls, steps=steps_run, calls=calls, options=control_options
+    )
+    # 3. Encode the prompt schedules, the init image (img2img); the infotext fields.
+    denoiser = _guided_denoiser(components, params, spec, embeddings, (*hooks, *control_hooks))
+    init_latents = None
+    if params.is_img2img:
         init_latents = encode_init_image(
             components.vae, params.init_image, params.width, params.height
         )
@@ -157,7 +170,7 @@ def prepare(
     fields = generation_fields(
         params, components=components, embeddings=embeddings, used_embeddings=used, loras=stack
     )
-    calls = len(_timesteps(scheduler, params.steps, start))
+    fields.update(control_fields)
     return PreparedJob(
         components, params, spec, schedule_type, denoiser, init_latents, start, steps_run,
         fields, calls, stack, infotext_prompt(params.prompt, stack),
@@ -282,6 +295,8 @@ def generate(
     cancel: Any = None,
     on_image: Callable[[GeneratedImage], None] | None = None,
     loras: Any = None,
+    controls: Sequence[Any] | None = None,
+    control_options: Mapping[str, Any] | None = None,
 ) -> list[GeneratedImage]:
     """Reference txt2img/img2img: ``batch_count`` batches of ``batch_size`` images.
 
@@ -308,6 +323,9 @@ def generate(
             job's ``lora_dirs`` after ``$SDSTACK_ROOT``'s LoRA folders). The job's stack
             (prompt tags, then ``job.networks``) is applied, replacing the stack of an
             earlier job; it stays applied after the job (the next job switches it).
+        controls: ControlNet units (``sdstack.control.ControlUnit``); default: the job's
+            ``controls``. ``control_options``: ``root`` (where ControlNet names are
+            found), ``cache`` (a ``sdstack.control.ControlNetCache`` for many jobs).
 
     Returns:
         One :class:`GeneratedImage` per image, in seed order.
@@ -332,7 +350,17 @@ def generate(
         phase("loras")  # reading and applying them can take seconds; then cheap in prepare
         prepare_job_loras(components, params, **_job_lora_arguments(lora_options))
     phase("encoding")
-    prepared = prepare(components, params, embeddings=embeddings, hooks=hooks, **lora_options)
+    if controls is None:
+        controls = job.controls if isinstance(job, GenerationJob) else ()
+    prepared = prepare(
+        components,
+        params,
+        embeddings=embeddings,
+        hooks=hooks,
+        controls=controls,
+        control_options=control_options,
+        **lora_options,
+    )
     seed = params.seed if params.seed != -1 else random.randrange(MAX_SEED)
     # 2. Sample, decode and hand over batch by batch.
     results: list[GeneratedImage] = []

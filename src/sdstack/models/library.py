@@ -39,6 +39,8 @@ LAYOUT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vae": (("models/VAE",), (".safetensors", ".pt", ".ckpt")),
     "embedding": (("embeddings",), (".pt", ".bin", ".safetensors")),
 }
+OTHER_MODEL_FOLDERS = ("models/ControlNet",)
+"""Folders that also make a web UI root (their files are found by ``sdstack.control``)."""
 SHORT_HASH_LENGTH = {"checkpoint": 10, "vae": 10, "lora": 12, "embedding": 12}
 _HEX64 = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
 
@@ -242,14 +244,17 @@ class ModelLibrary:
         if not self.root.is_dir():
             raise FileNotFoundError(f"models root folder not found: {self.root}")
         subfolders = {Path(f).name for relative, _ in LAYOUT.values() for f in relative}
+        subfolders |= {Path(f).name for f in OTHER_MODEL_FOLDERS}
         self.is_models_folder = not (self.root / "models").is_dir() and any(
             (self.root / name).is_dir() for name in subfolders - {"embeddings"}
         )
         self.folders: dict[str, tuple[Path, ...]] = {
             kind: tuple(self._find_folders(relative)) for kind, (relative, _) in LAYOUT.items()
         }
-        if not any(self.folders.values()):
+        others = tuple(self._find_folders(OTHER_MODEL_FOLDERS))
+        if not any(self.folders.values()) and not others:
             wanted = [f for relative, _ in LAYOUT.values() for f in relative]
+            wanted += OTHER_MODEL_FOLDERS
             raise ModelLibraryError(
                 f"{self.root} does not look like a web UI install folder: none of "
                 f"{', '.join(wanted)} found (pass the folder that contains models/ and "
