@@ -124,8 +124,8 @@ def test_the_input_is_never_overwritten(image, capsys):
         (["-m", "canny", "--resolution", "16"], "preprocessor resolution 16: expected a "
          "whole number in 64..2048 (default 512)"),
         (["-m", "cany"], "unknown control module 'cany'; did you mean 'canny'? expected "
-         "one of: none, invert, canny, scribble, threshold, lineart_standard, tile (`sdstack control "
-         "modules` lists them and the reference's detectors that need weights)"),
+         "one of: none, invert, canny, scribble, threshold, lineart_standard, tile "
+         "(`sdstack control modules` lists them and the reference's detectors that need weights)"),
     ],
 )  # fmt: skip
 def test_preview_errors(image, tmp_path, capsys, extra, message):

@@ -347,9 +347,7 @@ def run_generate(args: argparse.Namespace) -> int:
             _note_other_model(job, components)
         if paths.embeddings is not None:
             job.embeddings = str(paths.embeddings)  # generate() loads the library
-        run_job(
-            components, job, progress, save, loras=loras, control_options=control_options(args)
-        )
+        run_job(components, job, progress, save, loras=loras, control_options=control_options(args))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Tests of the CLIP text deprojector (sdstack.text.deprojector)."""
