@@ -2,7 +2,8 @@
 
 Model: the SD1.x CLIP ViT-L/14 text model (packaged config: width 768, 12 heads, 3072 MLP,
 12 layers) with random weights, LayerNorms randomised too; the deprojector is built from
-it (``Deprojector.from_clip``: one layer, 7.1M trainable parameters).
+it (``Deprojector.from_clip``: one layer, 7.1M trainable parameters; the parallel decoder
+9.1M, with its queries and its rank-32 ``(s V) U_k`` query term).
 
 Cases:
 

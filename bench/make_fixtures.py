@@ -9,7 +9,10 @@ loads offline.
 
 ``--quick``: the same two things with the tiny test model's shapes under
 ``bench/fixtures/quick/``, plus two tiny kohya LoRAs for it in ``quick/loras/``
-(``film``, and ``detail``, which records clip skip 2).
+(``film``, and ``detail``, which records clip skip 2), a tiny random canny ControlNet in
+``quick/models/ControlNet/`` (so ``--root bench/fixtures/quick`` finds it by name), and
+``quick/shapes/``: a drawn LoRA-training set (coloured shapes on white, 64x64, kohya
+layout ``10_shapes/NAME.png`` + ``NAME.txt``) whose images also serve as control images.
 
 Usage::
 
@@ -33,6 +36,9 @@ FULL_CONFIG = FIXTURES / "sd15-config"
 QUICK_CHECKPOINT = FIXTURES / "quick" / "tiny-random-fp16.safetensors"
 QUICK_CONFIG = FIXTURES / "quick" / "config"
 QUICK_LORAS = FIXTURES / "quick" / "loras"
+QUICK_CONTROLNET = FIXTURES / "quick/models/ControlNet/control_v11p_sd15_canny.safetensors"
+QUICK_SHAPES = FIXTURES / "quick" / "shapes" / "10_shapes"
+COLOURS = ("red", "blue", "green", "orange")
 SEED = 1234
 
 MODEL_INDEX = {
@@ -162,7 +168,27 @@ def make_quick() -> tuple[Path, Path]:
     QUICK_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
     stream_safetensors(QUICK_CHECKPOINT, ldm_shapes(unet, vae, TINY_TEXT_CONFIG), SEED)
     make_quick_loras()
+    from sdstack.control.tiny import write_tiny_controlnet
+
+    write_tiny_controlnet(QUICK_CONTROLNET, seed=1)
+    make_quick_shapes()
     return QUICK_CHECKPOINT, QUICK_CONFIG
+
+
+def make_quick_shapes() -> None:
+    """``quick/shapes/10_shapes``: 8 images, a circle and a square in each of ``COLOURS``,
+    drawn on white inside a 1/8 margin, captioned ``"<colour> <shape>, white background"``."""
+    from PIL import Image, ImageDraw
+
+    QUICK_SHAPES.mkdir(parents=True, exist_ok=True)
+    for colour in COLOURS:
+        for shape in ("circle", "square"):
+            image = Image.new("RGB", (64, 64), "white")
+            draw = ImageDraw.Draw(image)
+            (draw.ellipse if shape == "circle" else draw.rectangle)((8, 8, 56, 56), fill=colour)
+            image.save(QUICK_SHAPES / f"{colour}_{shape}.png")
+            caption = f"{colour} {shape}, white background\n"
+            (QUICK_SHAPES / f"{colour}_{shape}.txt").write_text(caption, encoding="utf-8")
 
 
 def make_quick_loras() -> None:

@@ -15,27 +15,23 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sdstack.commands.arguments import add_command_group
+
 MAP_FORMATS = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
 def register(subparsers: Any) -> None:
     """Add ``control``, ``control preview`` and ``control modules``."""
-    group = subparsers.add_parser(
+    commands = add_command_group(
+        subparsers,
         "control",
         help="ControlNet tools: preview a preprocessor's map, list the modules",
         description="ControlNet helpers. A unit's image goes through a preprocessor "
         "(module) and is resized to the job as the reference extension does it; "
         "`control preview` writes that map so you can see what the ControlNet gets.",
     )
-    group.set_defaults(handler=lambda _args: _print_help(group))
-    commands = group.add_subparsers(dest="control_command", metavar="COMMAND")
     _register_preview(commands)
     _register_modules(commands)
-
-
-def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _register_preview(commands: Any) -> None:

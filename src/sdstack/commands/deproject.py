@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sdstack.commands.arguments import add_command_group
+
 DECODER_CHOICES = ("autoregressive", "parallel")
 
 TRAIN_EPILOG = """\
@@ -50,21 +52,15 @@ the other captions).
 
 def register(subparsers: Any) -> None:
     """Add the ``deproject`` command group (``train``, ``eval``)."""
-    parser = subparsers.add_parser(
+    commands = add_command_group(
+        subparsers,
         "deproject",
         help="train and evaluate CLIP text deprojectors (sentence embedding -> 77 states)",
         description="CLIP text deprojectors: rebuild the UNet conditioning from one "
         "sentence embedding.",
     )
-    commands = parser.add_subparsers(dest="deproject_command", metavar="COMMAND")
-    parser.set_defaults(handler=lambda args: _help(parser))
     _register_train(commands)
     _register_eval(commands)
-
-
-def _help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from sdstack.commands.control_options import (
     apply_control_options,
     control_options,
 )
+from sdstack.commands.deproject_options import add_deprojector_options, apply_deprojector_options
 from sdstack.commands.lora_options import add_lora_options, apply_lora_options, find_job_loras
 from sdstack.commands.progress import JobProgress
 
@@ -34,6 +35,7 @@ OPTION_NAMES = {
     "denoising_strength": "--denoising-strength",
     "pad_conds": "--pad-conds",
     "init_image": "--init-image",
+    "encoding": "--encoding",
 }
 """GenerationParams field -> the option that sets it, for messages."""
 
@@ -81,6 +83,7 @@ def _add_generate(subparsers: Any) -> None:
         "loads.",
     )
     add_job_arguments(parser)
+    add_deprojector_options(parser)
     parser.set_defaults(handler=run_generate)
 
 
@@ -296,6 +299,7 @@ def build_job(args: argparse.Namespace) -> Any:
         job = GenerationJob(GenerationParams(**explicit))
     apply_lora_options(args, job)
     apply_control_options(args, job)
+    apply_deprojector_options(args, job, explicit)
     job.check(option_names(explicit, bool(args.from_infotext)))
     return job
 

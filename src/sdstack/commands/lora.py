@@ -11,26 +11,22 @@ import argparse
 import json
 from typing import Any
 
+from sdstack.commands.arguments import add_command_group
+
 DTYPES = ("fp32", "fp16", "bf16")
 
 
 def register(subparsers: Any) -> None:
     """Add ``lora``, ``lora inspect``, ``lora bake`` and ``lora extract``."""
-    group = subparsers.add_parser(
+    commands = add_command_group(
+        subparsers,
         "lora",
         help="inspect LoRA files, bake LoRAs into a checkpoint, extract a LoRA",
         description="Tools for LoRA / LyCORIS files of SD1.x models.",
     )
-    group.set_defaults(handler=lambda _args: _print_help(group))
-    commands = group.add_subparsers(dest="lora_command", metavar="COMMAND")
     _register_inspect(commands)
     _register_bake(commands)
     _register_extract(commands)
-
-
-def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _add_config_dir(parser: argparse.ArgumentParser) -> None:

@@ -8,17 +8,18 @@ import json
 import sys
 import warnings
 
+from sdstack.commands.arguments import add_command_group
+
 
 def register(subparsers) -> None:
     """Add ``models``, ``models list`` and ``models check``."""
-    group = subparsers.add_parser(
+    commands = add_command_group(
+        subparsers,
         "models",
         help="list checkpoints, LoRAs, VAEs and embeddings of a web UI install folder",
         description="Models of a folder laid out like the reference web UI "
         "(models/Stable-diffusion, models/Lora, models/LyCORIS, models/VAE, embeddings).",
     )
-    group.set_defaults(handler=lambda _args: _print_help(group))
-    commands = group.add_subparsers(dest="models_command", metavar="COMMAND")
     listing = commands.add_parser(
         "list",
         help="list models with their short hashes",
@@ -68,11 +69,6 @@ def _register_check(commands) -> None:
     check.add_argument("-o", "--out", default=None, metavar="OUT", help="new .safetensors")
     check.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     check.set_defaults(handler=run_check)
-
-
-def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _human_size(size: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from sdstack.commands.arguments import read_prompt_argument
+from sdstack.commands.arguments import add_command_group, read_prompt_argument
 from sdstack.prompt.inspect_report import REPORT_SHAPE
 from sdstack.prompt.limits import MAX_STEPS
 
@@ -30,12 +30,12 @@ example:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sdstack prompt inspect``."""
-    group = subparsers.add_parser(
+    commands = add_command_group(
+        subparsers,
         "prompt",
         help="inspect prompts as the reference web UI reads them",
         description="Prompt tools (pure text: no model needed).",
     )
-    commands = group.add_subparsers(dest="prompt_command", metavar="COMMAND")
     inspect = commands.add_parser(
         "inspect",
         help="show network tags, AND parts, schedule and tokens of a prompt",
@@ -62,12 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("--json", action="store_true", help="print a JSON object instead")
     inspect.set_defaults(handler=inspect_command)
-    group.set_defaults(handler=lambda args: _print_group_help(group))
-
-
-def _print_group_help(group: argparse.ArgumentParser) -> int:
-    group.print_help()
-    return 2
 
 
 def inspect_command(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sdstack.commands.arguments import add_command_group
+
 OPTION_NAMES = {
     "clip_skip": "--clip-skip", "network": "--network", "rank": "--rank",
     "alpha": "--alpha", "conv_rank": "--conv-rank", "conv_alpha": "--conv-alpha",
@@ -43,19 +45,13 @@ OPTION_NAMES = {
 
 def register(subparsers: Any) -> None:
     """Add ``train`` and ``train lora``."""
-    group = subparsers.add_parser(
+    commands = add_command_group(
+        subparsers,
         "train",
         help="train a LoRA (kohya format) from a folder of captioned images",
         description="Training for SD1.x models.",
     )
-    group.set_defaults(handler=lambda _args: _print_help(group))
-    commands = group.add_subparsers(dest="train_command", metavar="COMMAND")
     _register_lora(commands)
-
-
-def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _resolution(text: str) -> tuple[int, int]:

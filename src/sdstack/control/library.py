@@ -31,7 +31,7 @@ from sdstack.models.library import (
     find_entry,
     iter_model_files,
 )
-from sdstack.models.root import ROOT_ENVIRONMENT_VARIABLE
+from sdstack.models.root import ROOT_ENVIRONMENT_VARIABLE, root_folder
 
 KIND = "ControlNet"
 CONTROLNET_FOLDERS = ("models/ControlNet", "extensions/sd-webui-controlnet/models")
@@ -57,21 +57,7 @@ def controlnet_root(
     """
     if isinstance(root, ModelLibrary):
         return root.root
-    environ = os.environ if environ is None else environ
-    if root is not None:
-        path, label = Path(root).expanduser(), f"--root {root}"
-    elif environ.get(ROOT_ENVIRONMENT_VARIABLE):
-        value = environ[ROOT_ENVIRONMENT_VARIABLE]
-        path, label = Path(value).expanduser(), f"{ROOT_ENVIRONMENT_VARIABLE}={value}"
-    else:
-        return None
-    if not path.is_dir():
-        problem = "not a folder" if path.exists() else "folder not found"
-        raise ModelLibraryError(
-            f"{label}: {problem}; pass the web UI install folder (the one that holds models/ "
-            "and extensions/) or its models/ folder"
-        )
-    return path
+    return root_folder(root, environ=environ, holds="models/ and extensions/")
 
 
 def controlnet_folders(root: Path) -> tuple[Path, ...]:

@@ -322,7 +322,7 @@ def _apply_cell_merge(components: Any, job: GenerationJob) -> None:
 
 def _cell_inputs(components: Any, cell: GridCell, state: _Run) -> dict[str, Any]:
     """``prepare``'s keyword arguments for a cell: embeddings and its LoRA stack."""
-    from sdstack.generate.pipeline import _embedding_library, _lora_library
+    from sdstack.generate.run import _embedding_library, _lora_library
 
     job = cell.job
     if state.embeddings is None and job.embeddings is not None:

@@ -244,7 +244,8 @@ def generation_fields(
     folders and in-memory models); ``VAE hash``/``VAE`` for a separate VAE file;
     ``Denoising strength`` for img2img; ``Clip skip`` when > 1; ``RNG: CPU`` (our noise
     is always drawn on the CPU); ``Emphasis`` when not original and the prompt has
-    ``(`` or ``[``; ``Version: sdstack <version>``.
+    ``(`` or ``[``; ``Encoding: deprojected`` for the deprojected encoding (``prepare``
+    adds ``Deprojector``); ``Version: sdstack <version>``.
     """
     from sdstack import __version__
     from sdstack.generate.samplers import resolve_sampler
@@ -272,6 +273,7 @@ def generation_fields(
         "Lora hashes": loras.hashes_field() if loras is not None else None,
         "TI hashes": ti_hashes(used_embeddings, embeddings),
         "Emphasis": emphasis,
+        "Encoding": "deprojected" if getattr(params, "encoding", None) == "deprojected" else None,
         "Version": f"sdstack {__version__}",
     }
 
@@ -288,7 +290,7 @@ def params_from_infotext(info: Mapping[str, str]) -> dict[str, Any]:
 
     Reads Prompt, Negative prompt, Steps, Sampler (old "DPM++ 2M Karras" names split into
     sampler + schedule type), Schedule type, CFG scale, Seed, Size, Clip skip, Emphasis,
-    Denoising strength, Pad conds (``True``/``False``). Fields absent from the text are
+    Denoising strength, Pad conds (``True``/``False``), Encoding. Fields absent from the text are
     absent from the result.
 
     Raises:
@@ -326,6 +328,8 @@ def params_from_infotext(info: Mapping[str, str]) -> dict[str, Any]:
         result["emphasis"] = labels.get(info["Emphasis"].strip().lower(), info["Emphasis"])
     if "Pad conds" in info:
         result["pad_conds"] = read_bool("Pad conds", info["Pad conds"])
+    if "Encoding" in info:
+        result["encoding"] = info["Encoding"]  # checked with the other settings
     return result
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from sdstack.generate.encoding import infotext_prompt_text
 from sdstack.generate.params import GenerationParams, check_inputs
 
 HONOURED_FIELDS = frozenset(
@@ -37,6 +38,8 @@ HONOURED_FIELDS = frozenset(
         "VAE",
         "VAE hash",
         "Lora hashes",
+        "Encoding",
+        "Deprojector",
     }
 )
 """Infotext fields that set part of a job."""
@@ -71,6 +74,10 @@ class GenerationJob:
         controls: ControlNet units (``sdstack.control.ControlUnit``), in order. Read
             back from an infotext's ``ControlNet 0``, ``ControlNet 1``, ... without their
             images (the infotext does not carry them).
+        deprojector: the deprojector folder of the deprojected encoding
+            (``params.encoding == "deprojected"``), or None; ``generate`` loads it.
+        infotext_deprojector: the ``Deprojector`` an infotext named (``name [hash]``);
+            the folder itself is not in the infotext.
     """
 
     params: GenerationParams
@@ -83,6 +90,8 @@ class GenerationJob:
     model_hash: str | None = None
     unhonoured: dict[str, str] = field(default_factory=dict)
     controls: tuple[Any, ...] = ()
+    deprojector: str | None = None
+    infotext_deprojector: str | None = None
 
     def check(self, names: Mapping[str, str] | None = None) -> None:
         """Every setting checked (see :func:`check_inputs`), the LoRA stack read.
@@ -128,6 +137,7 @@ class GenerationJob:
             lora_hashes=parse_lora_hashes(info.get("Lora hashes", "")),
             unhonoured=unhonoured_fields(info, img2img=values.get("init_image") is not None),
             controls=tuple(units_from_infotext(info)),
+            infotext_deprojector=info.get("Deprojector"),
         )
 
     def infotext(
@@ -155,23 +165,34 @@ class GenerationJob:
         )
         if seed is not None:
             fields["Seed"] = seed
-        return build_infotext(self.params.prompt, self.params.negative, fields)
+        if self.deprojector is not None:
+            from sdstack.generate.deprojected import read_deprojector_folder
+
+            fields["Deprojector"] = read_deprojector_folder(self.deprojector).title()
+        return build_infotext(infotext_prompt_text(self.params), self.params.negative, fields)
 
 
 def check_prompt_texts(params: GenerationParams) -> None:
     """Read the prompt and the negative as generation will, without a model: every
     scheduled text of every AND part is parsed for emphasis, so a bad weight or a prompt
-    past the limits fails before anything loads (linear in the prompt's length).
+    past the limits fails before anything loads (linear in the prompt's length). A
+    deprojected prompt is read as an embedding expression instead.
 
     Raises:
         PromptSyntaxError, PromptLimitError: as ``plan_prompt`` and ``parse_attention``.
+        EmbeddingExpressionError: a deprojected prompt that does not parse.
     """
+    from sdstack.generate.encoding import is_deprojected, read_deprojected_prompt
     from sdstack.generate.samplers import resolve_sampler
     from sdstack.prompt import parse_attention
     from sdstack.prompt.plan import plan_prompt
 
     steps = resolve_sampler(params.sampler, params.schedule_type)[0].schedule_steps(params.steps)
-    for text, negative in ((params.prompt, False), (params.negative, True)):
+    texts = [(params.prompt, False), (params.negative, True)]
+    if is_deprojected(params):  # an embedding expression, not the prompt language
+        read_deprojected_prompt(params.prompt)
+        texts = texts[1:]
+    for text, negative in texts:
         for scheduled in plan_prompt(text, steps, negative=negative).texts():
             parse_attention(scheduled)
 

@@ -63,6 +63,14 @@ class GenerationParams:
             prompt and negative have different token lengths, pad the shorter with
             empty-prompt chunks and run one UNet call instead of two (changes the image;
             infotext ``Pad conds: True``).
+        encoding: how the prompt becomes conditioning: "standard" (the prompt language
+            above) or "deprojected": the prompt is an embedding expression
+            (``{"a cat" + 0.5*"a hat" - "blurry"}``, ``{"a cat" ~0.3~ "a dog"}``,
+            ``{pooled("a, b")}``; plain text = one text) deprojected by the job's
+            deprojector (``GenerationJob.deprojector``, ``prepare(deprojector=...)``);
+            its texts are encoded plainly (no emphasis, schedules, AND, BREAK),
+            ``<lora:...>`` tags still apply. The negative prompt is encoded the standard
+            way. See ``sdstack.generate.encoding``.
     """
 
     prompt: str
@@ -81,6 +89,7 @@ class GenerationParams:
     init_image: Any = None
     denoising_strength: float = 0.75
     pad_conds: bool = False
+    encoding: str = "standard"
 
     @property
     def is_img2img(self) -> bool:
@@ -119,7 +128,8 @@ def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) 
 
     Ranges: steps 1..1000; cfg_scale 0..100; seed -1 (random) or 0..2**32-1; width and
     height multiples of 8 in 64..4096 with at most 2048x2048 pixels; batch_size 1..64;
-    batch_count 1..10000; clip_skip 1..12; denoising_strength 0..1.
+    batch_count 1..10000; clip_skip 1..12; denoising_strength 0..1; encoding "standard"
+    or "deprojected".
 
     Args:
         params: the settings.
@@ -130,7 +140,10 @@ def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) 
         GenerationParamsError / SettingError: a value out of range or of the wrong type.
         PromptEncodingError: a prompt that is not valid UTF-8.
         UnknownSamplerError: unknown sampler or schedule type (with suggestions).
+        UnknownEncodingError: an encoding other than "standard" or "deprojected".
     """
+    from sdstack.generate.encoding import check_encoding
+
     names = {**{f.name: f.name for f in fields(GenerationParams)}, **(names or {})}
     if not isinstance(params.prompt, str) or not isinstance(params.negative, str):
         raise GenerationParamsError("prompt and negative must be strings")
@@ -149,6 +162,7 @@ def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) 
     check_emphasis(params.emphasis, names["emphasis"])
     check_number(names["denoising_strength"], params.denoising_strength, 0.0, 1.0)
     check_bool(names["pad_conds"], params.pad_conds)
+    check_encoding(params.encoding, names["encoding"])
     if params.init_image is not None and not hasattr(params.init_image, "convert"):
         raise GenerationParamsError(
             f"{names['init_image']} must be a PIL image, got {type(params.init_image).__name__}"

@@ -8,14 +8,13 @@ The work is split so that a caller can reuse what is expensive:
    prepared job, any seeds);
 3. :func:`decode`: VAE-decode latents to images.
 
-:func:`generate` runs the three over ``batch_count`` batches. A loaded model
-(``ModelComponents``) is reused across any number of jobs.
+:func:`sdstack.generate.run.generate` runs the three over ``batch_count`` batches. A
+loaded model (``ModelComponents``) is reused across any number of jobs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,16 +22,17 @@ from typing import Any
 import torch
 
 from sdstack.generate.denoise import GuidedDenoiser, run_denoising
+from sdstack.generate.deprojected import deprojected_schedule, prepare_deprojected
+from sdstack.generate.encoding import infotext_prompt_text
 from sdstack.generate.hooks import StepCallback, StepRecord, UNetHook
 from sdstack.generate.infotext import build_infotext, generation_fields
-from sdstack.generate.job import GenerationJob
 from sdstack.generate.latents import (
     decode_latents,
     encode_init_image,
     image_noise,
     img2img_start,
 )
-from sdstack.generate.params import MAX_SEED, GenerationParams, check_inputs
+from sdstack.generate.params import GenerationParams, check_inputs
 from sdstack.generate.samplers import SamplerSpec, make_scheduler, resolve_sampler
 from sdstack.validate import check_emphasis
 
@@ -42,7 +42,6 @@ __all__ = [
     "decode",
     "decode_latents",
     "encode_init_image",
-    "generate",
     "image_noise",
     "img2img_start",
     "prepare",
@@ -116,6 +115,7 @@ def prepare(
     lora_hashes: Mapping[str, str] | None = None,
     controls: Sequence[Any] = (),
     control_options: Mapping[str, Any] | None = None,
+    deprojector: Any = None,
 ) -> PreparedJob:
     """Check ``params``, apply its LoRA stack, encode the prompt, negative and init image.
 
@@ -128,6 +128,9 @@ def prepare(
     ``controls`` (``sdstack.control.ControlUnit``) run their ControlNets on every UNet
     call (``sdstack.control.hook``); ``control_options`` may give ``root`` (where model
     names are found) and ``cache`` (a ``ControlNetCache`` shared across jobs).
+    ``deprojector`` (a folder, ``Deprojector`` or ``JobDeprojector``; needed by and only
+    by ``params.encoding == "deprojected"``) replaces the prompt's schedule with the
+    deprojected expression (``sdstack.generate.deprojected``; "auto" clip skip = its N).
 
     Raises:
         SettingError, UnknownSamplerError, SamplerUnavailableError: bad settings.
@@ -139,6 +142,7 @@ def prepare(
 
     # 1. Check inputs; apply the LoRA stack; canonical names for the infotext.
     check_inputs(params)
+    params, deprojected = prepare_deprojected(components, params, deprojector)
     params, stack = prepare_job_loras(
         components, params, networks=networks, hashes=lora_hashes, library=loras
     )
@@ -160,7 +164,9 @@ def prepare(
         components, params, controls, steps=steps_run, calls=calls, options=control_options
     )
     # 3. Encode the prompt schedules, the init image (img2img); the infotext fields.
-    denoiser = _guided_denoiser(components, params, spec, embeddings, (*hooks, *control_hooks))
+    denoiser = _guided_denoiser(
+        components, params, spec, embeddings, (*hooks, *control_hooks), deprojected
+    )
     init_latents = None
     if params.is_img2img:
         init_latents = encode_init_image(
@@ -170,10 +176,10 @@ def prepare(
     fields = generation_fields(
         params, components=components, embeddings=embeddings, used_embeddings=used, loras=stack
     )
-    fields.update(control_fields)
+    fields.update({**control_fields, **(deprojected.fields() if deprojected else {})})
     return PreparedJob(
         components, params, spec, schedule_type, denoiser, init_latents, start, steps_run,
-        fields, calls, stack, infotext_prompt(params.prompt, stack),
+        fields, calls, stack, infotext_prompt(infotext_prompt_text(params), stack),
     )  # fmt: skip
 
 
@@ -183,14 +189,19 @@ def _guided_denoiser(
     spec: SamplerSpec,
     embeddings: Any,
     hooks: Sequence[UNetHook],
+    deprojected: Any = None,
 ) -> GuidedDenoiser:
-    """The prompt and negative schedules encoded, in a denoiser with the hooks."""
+    """The prompt and negative schedules encoded, in a denoiser with the hooks (the
+    prompt's deprojected with a ``JobDeprojector``)."""
     from sdstack.text import PromptEncoder
 
     encoder = PromptEncoder(components.text_encoder, components.tokenizer, embeddings)
     style = {"clip_skip": params.clip_skip, "emphasis": params.emphasis}
     schedule_steps = spec.schedule_steps(params.steps)
-    cond = encoder.encode_schedule(params.prompt, schedule_steps, split_and=True, **style)
+    if deprojected is not None:
+        cond = deprojected_schedule(params.prompt, deprojected, components, schedule_steps)
+    else:
+        cond = encoder.encode_schedule(params.prompt, schedule_steps, split_and=True, **style)
     uncond = encoder.encode_schedule(params.negative, schedule_steps, split_and=False, **style)
     empty = encoder.empty(**style) if params.pad_conds else None
     return GuidedDenoiser(
@@ -284,125 +295,10 @@ def _used_embeddings(denoiser: GuidedDenoiser) -> list[str]:
     return names
 
 
-def generate(
-    components: Any,
-    job: GenerationParams | GenerationJob,
-    *,
-    embeddings: Any = None,
-    hooks: Sequence[UNetHook] = (),
-    callback: StepCallback | None = None,
-    on_phase: PhaseCallback | None = None,
-    cancel: Any = None,
-    on_image: Callable[[GeneratedImage], None] | None = None,
-    loras: Any = None,
-    controls: Sequence[Any] | None = None,
-    control_options: Mapping[str, Any] | None = None,
-) -> list[GeneratedImage]:
-    """Reference txt2img/img2img: ``batch_count`` batches of ``batch_size`` images.
+def __getattr__(name: str) -> Any:
+    """``generate`` moved to :mod:`sdstack.generate.run`; importable from here still."""
+    if name == "generate":
+        from sdstack.generate.run import generate
 
-    Seeds: ``params.seed`` (``-1`` draws one at random, once); image ``i`` of the job
-    uses ``seed + i``. Guidance per call: ``u + cfg * sum_i w_i * (c_i - u)`` over the
-    AND parts (see ``denoise``). Prompt and negative of different token lengths run as
-    two UNet calls, or, with ``params.pad_conds``, padded with empty-prompt chunks into
-    one call (infotext ``Pad conds: True``).
-
-    Args:
-        components: a loaded model (:class:`sdstack.models.ModelComponents`).
-        job: the settings, or a :class:`GenerationJob` (its ``embeddings`` folder is
-            loaded when ``embeddings`` is not given).
-        embeddings: an ``EmbeddingLibrary`` for textual-inversion names in prompts.
-        hooks: functions run before every UNet call (see ``sdstack.generate.hooks``).
-        callback: receives a :class:`StepRecord` after every denoiser call.
-        on_phase: ``on_phase(name)`` as "loras", "encoding", "sampling" (each batch) and
-            "decoding" (each batch) start.
-        cancel: ``threading.Event``-like or callable; checked before every denoiser call.
-        on_image: ``on_image(result)`` for each image as soon as it is decoded, before the
-            next batch starts (so a caller can save it: a later failure or cancellation
-            then loses nothing already made).
-        loras: a ``sdstack.lora.LoraLibrary`` where LoRA names are found (default: the
-            job's ``lora_dirs`` after ``$SDSTACK_ROOT``'s LoRA folders). The job's stack
-            (prompt tags, then ``job.networks``) is applied, replacing the stack of an
-            earlier job; it stays applied after the job (the next job switches it).
-        controls: ControlNet units (``sdstack.control.ControlUnit``); default: the job's
-            ``controls``. ``control_options``: ``root`` (where ControlNet names are
-            found), ``cache`` (a ``sdstack.control.ControlNetCache`` for many jobs).
-
-    Returns:
-        One :class:`GeneratedImage` per image, in seed order.
-
-    Raises:
-        SettingError, UnknownSamplerError, SamplerUnavailableError: bad settings.
-        GenerationCancelled: ``cancel`` was set.
-    """
-    params = job.params if isinstance(job, GenerationJob) else job
-    if embeddings is None and isinstance(job, GenerationJob) and job.embeddings is not None:
-        embeddings = _embedding_library(components, job.embeddings)
-    phase = on_phase or (lambda _name: None)
-    # 1. Apply the LoRAs, check and encode.
-    lora_options: dict[str, Any] = {"loras": loras}
-    if isinstance(job, GenerationJob):
-        lora_options.update(networks=job.networks, lora_hashes=job.lora_hashes)
-        if loras is None and job.lora_dirs:
-            lora_options["loras"] = _lora_library(job.lora_dirs)
-    from sdstack.lora.job_stack import job_lora_specs, prepare_job_loras
-
-    if job_lora_specs(params.prompt, lora_options.get("networks", ())):
-        phase("loras")  # reading and applying them can take seconds; then cheap in prepare
-        prepare_job_loras(components, params, **_job_lora_arguments(lora_options))
-    phase("encoding")
-    if controls is None:
-        controls = job.controls if isinstance(job, GenerationJob) else ()
-    prepared = prepare(
-        components,
-        params,
-        embeddings=embeddings,
-        hooks=hooks,
-        controls=controls,
-        control_options=control_options,
-        **lora_options,
-    )
-    seed = params.seed if params.seed != -1 else random.randrange(MAX_SEED)
-    # 2. Sample, decode and hand over batch by batch.
-    results: list[GeneratedImage] = []
-    for batch in range(params.batch_count):
-        seeds = [seed + batch * params.batch_size + i for i in range(params.batch_size)]
-        phase("sampling")
-        latents = sample(
-            prepared,
-            seeds,
-            callback=callback,
-            cancel=cancel,
-            batch=batch,
-            batches=params.batch_count,
-            done=batch * prepared.calls_per_batch,
-        )
-        phase("decoding")
-        for image, image_seed in zip(decode(components, latents), seeds, strict=True):
-            result = GeneratedImage(image, image_seed, prepared.infotext(image_seed), len(results))
-            results.append(result)
-            if on_image is not None:
-                on_image(result)
-    return results
-
-
-def _job_lora_arguments(options: dict[str, Any]) -> dict[str, Any]:
-    """``prepare``'s LoRA keyword arguments -> ``prepare_job_loras``'s."""
-    return {
-        "networks": options.get("networks", ()),
-        "hashes": options.get("lora_hashes"),
-        "library": options.get("loras"),
-    }
-
-
-def _lora_library(folders: Sequence[str]) -> Any:
-    from sdstack.lora.library import LoraLibrary
-    from sdstack.models.root import open_library
-
-    return LoraLibrary(open_library(None), folders)
-
-
-def _embedding_library(components: Any, folder: str) -> Any:
-    from sdstack.text import EmbeddingLibrary
-
-    width = components.text_encoder.get_input_embeddings().embedding_dim
-    return EmbeddingLibrary.from_dir(folder, width=width)
+        return generate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,14 +59,17 @@ class ResolvedPaths:
     merge: Any = None  # a ``merge:`` model: the MergeSpec, ``model`` is its A
 
 
-def open_library(
-    root: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None
-) -> ModelLibrary | None:
-    """The ``ModelLibrary`` of ``root``, else of ``$SDSTACK_ROOT``, else None.
+def root_folder(
+    root: str | os.PathLike[str] | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    holds: str = "models/ and embeddings/",
+) -> Path | None:
+    """The web UI folder ``root``, else ``$SDSTACK_ROOT``, else None, checked to exist.
 
     Raises:
-        ModelLibraryError: the root does not exist or is not a folder (the message names
-            ``--root`` or ``SDSTACK_ROOT``), or holds none of the web UI folders.
+        ModelLibraryError: it does not exist or is not a folder; the message names
+            ``--root`` or ``SDSTACK_ROOT`` and says it should hold ``holds``.
     """
     environ = os.environ if environ is None else environ
     if root is not None:
@@ -80,9 +83,22 @@ def open_library(
         problem = "not a folder" if path.exists() else "folder not found"
         raise ModelLibraryError(
             f"{label}: {problem}; pass the web UI install folder (the one that holds "
-            "models/ and embeddings/) or its models/ folder"
+            f"{holds}) or its models/ folder"
         )
-    return ModelLibrary(path)
+    return path
+
+
+def open_library(
+    root: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None
+) -> ModelLibrary | None:
+    """The ``ModelLibrary`` of ``root``, else of ``$SDSTACK_ROOT``, else None.
+
+    Raises:
+        ModelLibraryError: the root does not exist or is not a folder (the message names
+            ``--root`` or ``SDSTACK_ROOT``), or holds none of the web UI folders.
+    """
+    path = root_folder(root, environ=environ)
+    return None if path is None else ModelLibrary(path)
 
 
 def resolve_model_paths(

@@ -18,8 +18,10 @@ slerps ``a - null`` towards ``b - null``; ``pooled("a, b, c")`` is ``"a" + "b" +
 over the comma-separated pieces, optionally renormalised. The texts are encoded as they
 are: emphasis, ``AND``, schedules and network tags are not read inside an expression.
 
-Pure text (no torch). ``parse_embedding_expression`` is linear in its input, which the
-limits below bound; ``format_expression`` writes the canonical form, and
+The tree's node types and ``format_expression`` live in
+:mod:`sdstack.prompt.expression_tree` (importable from here too); this module reads text
+into them. Pure text (no torch). ``parse_embedding_expression`` is linear in its input,
+which the limits below bound; ``format_expression`` writes the canonical form, and
 ``parse_embedding_expression(format_expression(e)) == e`` for every parsed ``e``.
 """
 
@@ -30,6 +32,17 @@ from dataclasses import dataclass
 
 from sdstack.errors import UnknownNameError
 from sdstack.prompt.errors import PromptEncodingError, PromptSyntaxError, check_text, shorten
+from sdstack.prompt.expression_tree import (
+    Expression,
+    Interpolation,
+    PooledSum,
+    Sum,
+    Term,
+    Text,
+    split_pieces,
+)
+from sdstack.prompt.expression_tree import expression_texts as expression_texts
+from sdstack.prompt.expression_tree import format_expression as format_expression
 from sdstack.registry import Registry
 
 MAX_EXPRESSION_LENGTH = 100_000
@@ -51,60 +64,6 @@ class EmbeddingExpressionError(PromptSyntaxError):
     into ``text``) and shows the prompt with a caret there. Going past one of the limits
     of this module raises it too, at the position where the limit was passed.
     """
-
-
-@dataclass(frozen=True)
-class Text:
-    """One text to encode: its sentence embedding ``e(text)``."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Term:
-    """``weight * operand`` inside a :class:`Sum`."""
-
-    weight: float
-    operand: Expression
-
-
-@dataclass(frozen=True)
-class Sum:
-    """``w_1 * x_1 + w_2 * x_2 + ...``, i.e. ``null + sum_i w_i (e(x_i) - null)``."""
-
-    terms: tuple[Term, ...]
-
-
-@dataclass(frozen=True)
-class Interpolation:
-    """``start ~t~ end``: slerp from ``start`` (t = 0) to ``end`` (t = 1) about null."""
-
-    start: Expression
-    end: Expression
-    t: float
-
-
-@dataclass(frozen=True)
-class PooledSum:
-    """``pooled("a, b, c")``: the spec's pooled encoding of the comma-separated pieces,
-    ``null + sum_i (e(piece_i) - null)``, with ``renormalise`` rescaled so that its norm is
-    the mean norm of the pieces' embeddings."""
-
-    text: str
-    renormalise: bool = False
-
-    @property
-    def pieces(self) -> tuple[str, ...]:
-        """The text split on commas, each piece stripped, empty pieces dropped."""
-        return split_pieces(self.text)
-
-
-Expression = Text | Sum | Interpolation | PooledSum
-
-
-def split_pieces(text: str) -> tuple[str, ...]:
-    """``text`` split on ``,``, each piece stripped of whitespace, empty pieces dropped."""
-    return tuple(piece for piece in (p.strip() for p in text.split(",")) if piece)
 
 
 _FUNCTIONS = Registry[str]("embedding expression function")
@@ -167,64 +126,6 @@ def parse_embedding_expression(text: str) -> Expression:
             MAX_EXPRESSION_LENGTH,
         )
     return _Parser(text).prompt()
-
-
-def expression_texts(expression: Expression) -> list[str]:
-    """The different texts to encode for ``expression``, in order of first appearance."""
-    texts: dict[str, None] = {}
-    stack = [expression]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Text):
-            texts[node.text] = None
-        elif isinstance(node, PooledSum):
-            texts.update(dict.fromkeys(node.pieces))
-        elif isinstance(node, Sum):
-            stack.extend(term.operand for term in reversed(node.terms))
-        else:
-            stack.extend((node.end, node.start))
-    return list(texts)
-
-
-def format_expression(expression: Expression) -> str:
-    """The canonical text of ``expression``: a plain text where it is one (and holds no
-    brace), else ``{...}`` with ``"`` quotes, single spaces around ``+ - ~t~`` and weights
-    written as ``repr(float)`` (``0.5*"a"``, ``- 2.0*"b"``)."""
-    if isinstance(expression, Text) and not any(c in expression.text for c in "{}"):
-        return expression.text
-    return "{" + _format(expression) + "}"
-
-
-def _format(node: Expression) -> str:
-    if isinstance(node, Text):
-        return _quote(node.text)
-    if isinstance(node, PooledSum):
-        option = ", renorm" if node.renormalise else ""
-        return f"pooled({_quote(node.text)}{option})"
-    if isinstance(node, Interpolation):
-        end = _format(node.end)
-        if isinstance(node.end, Interpolation):
-            end = f"({end})"
-        return f"{_format(node.start)} ~{node.t + 0.0!r}~ {end}"
-    parts = []
-    for index, term in enumerate(node.terms):
-        operand = _format(term.operand)
-        if isinstance(term.operand, (Sum, Interpolation)):
-            operand = f"({operand})"
-        weight = abs(term.weight)
-        sign = "-" if term.weight < 0 else "+"
-        factor = operand if weight == 1.0 else f"{weight!r}*{operand}"
-        if index > 0:
-            parts.append(f"{sign} {factor}")
-        elif sign == "-" or (weight == 1.0 and len(node.terms) == 1):
-            parts.append(f"{sign}{factor}")  # "+" keeps a one-term sum a sum
-        else:
-            parts.append(factor)
-    return " ".join(parts)
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class _Parser:

@@ -71,6 +71,26 @@ def test_round_trip_is_exact(model, saved, tiny_text_encoder, tokenizer):
     assert data["decoder"] == "parallel" and data["ensemble"] == 2
 
 
+def test_round_trip_keeps_the_query_term(model, saved):
+    assert model.config.query_rank == 32 and model.query_up.abs().max() > 0  # "trained"
+    loaded = load_deprojector(saved)
+    assert loaded.config.query_rank == 32
+    assert torch.equal(loaded.query_up, model.query_up)
+    assert torch.equal(loaded.query_down, model.query_down)
+
+
+def test_config_saved_before_query_rank_loads_as_before(tiny_text_encoder, tokenizer, tmp_path):
+    old = Deprojector.from_clip(tiny_text_encoder, tokenizer, decoder="parallel", query_rank=0)
+    save_deprojector(old, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["query_rank"]  # the file an earlier sdstack wrote
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_deprojector(tmp_path)
+    assert loaded.config.query_rank == 0 and loaded.query_up is None
+    embedding = old.embed(tiny_text_encoder, tokenizer, TEXTS)
+    assert torch.equal(loaded.decode(embedding), old.decode(embedding))
+
+
 def test_round_trip_with_a_projection(tokenizer, tmp_path):
     clip = tiny_clip_with_projection()
     model = Deprojector.from_clip(clip, tokenizer, projection=clip.text_projection.weight)

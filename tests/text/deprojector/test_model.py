@@ -246,13 +246,43 @@ def test_parallel_decoder_is_one_pass_from_position_queries(tiny_text_encoder, t
     torch.testing.assert_close(out[:, 1:], expected[:, 1:], atol=2e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_parallel_query_term_is_a_per_position_low_rank_map(tiny_text_encoder, tokenizer):
+    model = Deprojector.from_clip(tiny_text_encoder, tokenizer, decoder="parallel")
+    assert model.config.query_rank == 32  # min(QUERY_RANK, width 32)
+    assert model.query_down.shape == (32, 32) and model.query_up.shape == (75, 32, 32)
+    assert not model.query_up.any()  # U = 0: the decoder starts as the one without it
+    assert float(model.query_down.std()) == pytest.approx(32**-0.5, rel=0.15)  # N(0, 1/W)
+    again = Deprojector.from_clip(tiny_text_encoder, tokenizer, decoder="parallel")
+    assert torch.equal(again.query_down, model.query_down)  # seeded
+    generator = torch.Generator().manual_seed(3)
+    model.query_up.copy_(0.1 * torch.randn(model.query_up.shape, generator=generator))
+    embedding = model.embed(tiny_text_encoder, tokenizer, TEXTS)
+    s = model.input_vector(embedding).double()
+    down, up = model.query_down.double(), model.query_up.double()
+    rest = torch.stack(
+        [s + model.queries[k - 2].double() + (s @ down) @ up[k - 2] for k in range(2, 77)], 1
+    )
+    x = torch.cat([s[:, None], model.bos.double().expand(3, 1, -1), rest], dim=1).float()
+    clip = text_transformer(tiny_text_encoder)
+    expected = clip.final_layer_norm(
+        clip_layer(clip.encoder.layers[-1], x + model.position_embedding)
+    )
+    torch.testing.assert_close(
+        model.decode(embedding)[:, 1:], expected[:, 1:], atol=2e-5, rtol=1e-5
+    )
+    none = Deprojector.from_clip(tiny_text_encoder, tokenizer, decoder="parallel", query_rank=0)
+    assert none.query_up is None and "query_up" not in none.state_dict()
+    assert Deprojector.from_clip(tiny_text_encoder, tokenizer).config.query_rank == 0
+
+
 def test_gradients_reach_trainable_parameters_only(tiny_text_encoder, tokenizer):
     model = Deprojector.from_clip(tiny_text_encoder, tokenizer, decoder="parallel", input_mlp=True)
     embedding, target = model.teacher(tiny_text_encoder, tokenizer, TEXTS)
     loss = ((model.teacher_forced(embedding, target) - target) ** 2).mean()
     loss.backward()
     names = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert {"queries", "position_embedding", "final_layer_norm.weight"} <= names
+    assert {"queries", "query_up", "position_embedding", "final_layer_norm.weight"} <= names
     assert "input_mlp.2.weight" in names
     assert not any(b.requires_grad for b in model.buffers())  # bos, null: frozen
 
@@ -271,6 +301,10 @@ def test_bad_inputs_name_the_problem(tiny_text_encoder, tokenizer):
         Deprojector.from_clip(tiny_text_encoder, tokenizer, clip_skip=6)
     with pytest.raises(UnknownNameError, match="did you mean 'parallel'"):
         Deprojector.from_clip(tiny_text_encoder, tokenizer, decoder="paralel")
+    with pytest.raises(SettingError, match="query_rank must be between 0 and 32, got 33"):
+        Deprojector.from_clip(tiny_text_encoder, tokenizer, decoder="parallel", query_rank=33)
+    with pytest.raises(DeprojectorError, match="query_rank must be 0 for the autoregressive"):
+        Deprojector.from_clip(tiny_text_encoder, tokenizer, query_rank=4)
 
 
 def test_config_json_round_trip(tiny_text_encoder, tokenizer):
@@ -292,6 +326,9 @@ def test_config_json_round_trip(tiny_text_encoder, tokenizer):
         ("condition_number", 0.5, "condition_number must be a number >= 1"),
         ("version", 2, "version 2 is newer than this sdstack understands"),
         ("width", 16384, "more than the 1,000,000,000 allowed"),
+        ("query_rank", -1, r"query_rank must be an integer in \[0, 16384\], got -1"),
+        ("query_rank", 8, "query_rank must be 0 for the autoregressive decoder"),
+        ("query_rank", 769, "query_rank must be at most width 768"),
         ("bogus", 1, "unknown field"),
     ],
 )
@@ -300,6 +337,8 @@ def test_config_errors(field, value, message):
     data[field] = value
     if field == "width" and value == 16384:
         data.update(heads=16, embedding_dim=16384, layers=2)
+    if field == "query_rank" and value == 769:
+        data.update(decoder="parallel")
     with pytest.raises(DeprojectorError, match=message):
         DeprojectorConfig.from_dict(data)
 

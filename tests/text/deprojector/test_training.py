@@ -319,17 +319,20 @@ def test_settings_are_checked():
 
 # -- quality: both decoders against both baselines ------------------------------------------
 
-QUALITY = {  # decoder -> (settings, the prediction whose held-out loss is the criterion)
+QUALITY = {  # decoder -> training settings
     "autoregressive": TrainSettings(steps=100, batch_size=32, lr=3e-3, eval_every=50),
-    "parallel": TrainSettings(steps=150, batch_size=32, lr=1e-2, eval_every=50),
+    "parallel": TrainSettings(steps=300, batch_size=32, lr=3e-3, eval_every=50),
 }
+MARGIN = 0.98  # the decoder's held-out loss must be below 98% of the linear map's
 
 
 @pytest.mark.parametrize("decoder", list(QUALITY))
 def test_training_beats_the_baselines(decoder, tiny_text_encoder, tokenizer, captions):
     """Trained on tests/data/captions.txt (held-out 10%), the decoder's held-out weighted
-    loss falls below the pooled-repeated baseline, and the teacher-forced autoregressive
-    decoder also below the least-squares linear map."""
+    loss falls below the pooled-repeated baseline and 2% below the least-squares linear map
+    (teacher-forced for the autoregressive decoder, whose free-running output must beat
+    the pooled baseline too). Parallel: 0.0594 against the linear map's 0.0619 (0.0772
+    without the ``(s V) U_k`` query term); autoregressive teacher-forced: well below."""
     from sdstack.text.deprojector.evaluation import evaluate
     from sdstack.text.deprojector.model import Deprojector
 
@@ -349,16 +352,9 @@ def test_training_beats_the_baselines(decoder, tiny_text_encoder, tokenizer, cap
     )
     pooled = evaluation.method("pooled repeated").loss
     linear = evaluation.method("linear map").loss
+    name = "teacher-forced" if decoder == "autoregressive" else "parallel"
+    loss = evaluation.method(name).loss
+    assert loss == pytest.approx(result.best_loss, rel=1e-6)  # the training criterion
+    assert loss < MARGIN * linear < pooled, (decoder, loss, linear, pooled)
     if decoder == "autoregressive":
-        teacher_forced = evaluation.method("teacher-forced").loss
-        assert teacher_forced == pytest.approx(result.best_loss, rel=1e-6)  # same criterion
-        assert teacher_forced < linear < pooled
         assert evaluation.method("free-running").loss < pooled
-        return
-    parallel = evaluation.method("parallel").loss
-    assert parallel < pooled
-    if parallel >= linear:
-        pytest.xfail(
-            f"parallel decoder held-out loss {parallel:.4f} >= linear map {linear:.4f} on the "
-            "tiny CLIP (its shared layer cannot yet match 76 per-position linear maps)"
-        )

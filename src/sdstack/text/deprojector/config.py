@@ -45,6 +45,7 @@ _INTS = {
     "clip_skip": (1, 64),
     "ensemble": (1, 16),
     "embedding_dim": (1, 16384),
+    "query_rank": (0, 16384),
     "version": (1, FORMAT_VERSION),
 }
 
@@ -57,7 +58,10 @@ class DeprojectorConfig:
     ``final_layer_norm(hidden_states[-N])``. ``embedding``: which vector the input is
     (``"text_embeds"`` or ``"pooled"``), ``embedding_dim`` its width E. ``clip_hash``:
     :func:`~sdstack.text.deprojector.files.clip_fingerprint` of the teacher CLIP;
-    ``condition_number``: of the text projection (None without one).
+    ``condition_number``: of the text projection (None without one). ``query_rank`` r:
+    the rank of the parallel decoder's per-position input term ``(s V) U_k`` (model
+    docstring); 0, the default, is the decoder without it (configs saved before the field
+    existed), and it must be 0 for the autoregressive decoder.
     """
 
     width: int = 768
@@ -76,6 +80,7 @@ class DeprojectorConfig:
     embedding_dim: int = 768
     clip_hash: str | None = None
     condition_number: float | None = None
+    query_rank: int = 0
     version: int = FORMAT_VERSION
 
     def check(self) -> DeprojectorConfig:
@@ -143,10 +148,21 @@ class DeprojectorConfig:
                 f"deprojector config embedding_dim must equal width {self.width} for a "
                 f"pooled input, got {self.embedding_dim}"
             )
+        if self.query_rank and self.decoder != "parallel":
+            raise DeprojectorError(
+                f"deprojector config query_rank must be 0 for the {self.decoder} decoder "
+                f"(it is a parallel decoder option), got {self.query_rank}"
+            )
+        if self.query_rank > self.width:
+            raise DeprojectorError(
+                f"deprojector config query_rank must be at most width {self.width} (a "
+                f"larger rank adds nothing), got {self.query_rank}"
+            )
         w, i = self.width, self.intermediate_size
         per_layer = 4 * w * w + 2 * w * i
         total = self.ensemble * self.layers * per_layer + 2 * self.embedding_dim * w
         total += (self.positions * 2 + 2 * i) * w
+        total += self.query_rank * (w + self.positions * w)
         if total > MAX_PARAMETERS:
             raise DeprojectorError(
                 f"deprojector config describes about {total:,} parameters, more than the "

@@ -1,8 +1,9 @@
 """Deprojector training: the reference's weighted loss, augmentation, early stopping, resume.
 
-Loss (spec "Training", the reference's later versions): per-position weighted MSE with
-weight 0 at position 0 (the fixed BOS state), ``REAL_TOKEN_WEIGHT`` (25) at the real
-tokens ``1..eos`` (EOS included) and 1 at the padding after it::
+Loss (:mod:`~sdstack.text.deprojector.loss`, spec "Training", the reference's later
+versions): per-position weighted MSE with weight 0 at position 0 (the fixed BOS state),
+``REAL_TOKEN_WEIGHT`` (25) at the real tokens ``1..eos`` (EOS included) and 1 at the
+padding after it::
 
     loss = sum_{b,k} w_bk * mean_d (pred_bkd - target_bkd)^2 / sum_{b,k} w_bk
 
@@ -18,37 +19,39 @@ Early stopping: the held-out weighted loss (teacher-forced) is measured at step 
 every ``eval_every`` steps and at the last step; after ``patience`` measurements without
 a new best, training stops. The result holds the best weights.
 
-Resume: every ``save_every`` steps the whole state (weights, Adam state, best weights,
-counters, history) is saved atomically to ``<out>/training-state.pt``; a later call with
-the same settings and captions continues from it, and because the batches depend only on
-the step, the final weights equal an uninterrupted run's (bit for bit on the CPU).
+Resume (:mod:`~sdstack.text.deprojector.training_state`): every ``save_every`` steps the
+whole state (weights, Adam state, best weights, counters, history) is saved atomically to
+``<out>/training-state.pt``; a later call with the same settings and captions continues
+from it, and because the batches depend only on the step, the final weights equal an
+uninterrupted run's (bit for bit on the CPU).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import math
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdstack.text.deprojector import DeprojectorError
+from sdstack.text.deprojector.loss import REAL_TOKEN_WEIGHT as REAL_TOKEN_WEIGHT
+from sdstack.text.deprojector.loss import heldout_loss, weighted_mse
+from sdstack.text.deprojector.loss import position_weights as position_weights
+from sdstack.text.deprojector.loss import weighted_mse_terms as weighted_mse_terms
 from sdstack.text.deprojector.pairs import TrainingData
+from sdstack.text.deprojector.training_state import STATE_FILE as STATE_FILE
+from sdstack.text.deprojector.training_state import TrainingError as TrainingError
+from sdstack.text.deprojector.training_state import copy_state as _copy
+from sdstack.text.deprojector.training_state import load_state as _load_state
+from sdstack.text.deprojector.training_state import run_signature as run_signature
+from sdstack.text.deprojector.training_state import save_state as _save_state
 from sdstack.validate import check_int, check_number
 
-REAL_TOKEN_WEIGHT = 25.0
-STATE_FILE = "training-state.pt"
 RECORD_FILE = "training.json"
-
-
-class TrainingError(DeprojectorError):
-    """Training cannot start or continue as asked (bad settings, a mismatched state)."""
 
 
 @dataclasses.dataclass
@@ -110,45 +113,6 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def position_weights(eos: torch.Tensor, positions: int = 77) -> torch.Tensor:
-    """(B, positions) weights: 0 at position 0, 25 at ``1..eos``, 1 after."""
-    k = torch.arange(positions, device=eos.device)
-    weights = torch.where(k[None, :] <= eos[:, None], REAL_TOKEN_WEIGHT, 1.0)
-    weights[:, 0] = 0.0
-    return weights
-
-
-def weighted_mse_terms(
-    prediction: torch.Tensor, target: torch.Tensor, eos: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_{b,k} w_bk mean_d (p - t)^2, sum_{b,k} w_bk)`` (summable over batches)."""
-    weights = position_weights(eos.to(prediction.device), prediction.shape[1])
-    per_position = (prediction - target).square().mean(dim=-1)
-    return (weights.to(per_position.dtype) * per_position).sum(), weights.sum()
-
-
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    """The spec's per-position weighted MSE (module docstring formula), a scalar."""
-    total, weight = weighted_mse_terms(prediction, target, eos)
-    return total / weight
-
-
-def heldout_loss(model: Any, data: TrainingData, batch_size: int, device: Any) -> float:
-    """The weighted loss of the teacher-forced prediction over the held-out pairs."""
-    was_training = model.training
-    model.eval()
-    total = weight = 0.0
-    with torch.no_grad():
-        for start in range(0, len(data.heldout), batch_size):
-            part = slice(start, start + batch_size)
-            target = data.heldout.states[part].to(device)
-            prediction = model.teacher_forced(data.heldout_embeddings[part].to(device), target)
-            t, w = weighted_mse_terms(prediction, target, data.heldout.eos[part])
-            total, weight = total + float(t), weight + float(w)
-    model.train(was_training)
-    return total / weight
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of epoch ``epoch``'s batch permutation."""
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
@@ -160,17 +124,6 @@ def batch_indices(step: int, count: int, batch_size: int, seed: int) -> torch.Te
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
     return order[index * batch_size : (index + 1) * batch_size]
-
-
-def run_signature(settings: TrainSettings, model: Any, data: TrainingData) -> str:
-    """sha256 over the settings, the model config and the data: a state file belongs to
-    exactly one run."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for tensor in (data.embeddings, data.target_index, data.heldout.eos, data.targets.eos):
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def fit(
@@ -267,63 +220,6 @@ def _early_stopping(state: dict, heldout: float, model: Any, patience: int) -> N
     state["bad_evals"] += 1
     if state["bad_evals"] >= patience:
         state["stopped"] = True
-
-
-def _copy(model: Any) -> dict[str, torch.Tensor]:
-    """A CPU copy of the model's state dict."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _save_state(path: Path, signature: str, state: dict, model: Any, optimizer: Any) -> None:
-    """The whole training state, written atomically (torch.save, read back weights-only)."""
-    from sdstack.atomic_files import replace, temporary_file
-
-    payload = {
-        "format": "sdstack.deproject.training-state/1",
-        "signature": signature,
-        "state": {**state, "best_model": state["best_model"]},
-        "model": _copy(model),
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
-    }
-    with temporary_file(path.parent, suffix=".pt") as temporary:
-        torch.save(payload, temporary)
-        replace(temporary, path)
-
-
-def _load_state(path: Path, signature: str, model: Any, optimizer: Any) -> dict | None:
-    """The saved state of this run (weights and Adam state loaded), or None if none.
-
-    Raises:
-        TrainingError: unreadable, or saved by a run with other settings or data.
-    """
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or "signature" not in payload:
-            raise ValueError("not an sdstack training state")
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-        if isinstance(error, pickle.UnpicklingError):
-            reason = "not a torch file of tensors, or corrupt"
-        raise TrainingError(
-            f"training state {str(path)!r} cannot be read ({reason}); delete it to start over"
-        ) from None
-    if payload["signature"] != signature:
-        raise TrainingError(
-            f"{str(path.parent)!r} holds a training run with other settings, model or "
-            "captions; run the same command as before to continue it, or choose a new --out"
-        )
-    try:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        state = dict(payload["state"])
-    except (KeyError, RuntimeError, ValueError) as error:
-        raise TrainingError(
-            f"training state {str(path)!r} does not fit this model ({error}); delete it to "
-            "start over"
-        ) from None
-    return state
 
 
 def train_deprojector(

@@ -1,0 +1,168 @@
+"""``--dtype auto``: the precision of each network for a device, and the CPU bf16 probe.
+
+Policy (:func:`auto_dtypes`), one dtype per component:
+
+============================  ========  ============  ========
+device                        UNet      text encoder  VAE
+============================  ========  ============  ========
+CUDA                          fp16      fp16          fp32
+CUDA, ``prefer_bf16`` and the
+GPU has bf16 (compute 8.0+)   bf16      bf16          bf16
+MPS                           fp16      fp16          fp32
+CPU with native bf16          bf16      fp32          bf16
+CPU without                   fp32      fp32          fp32
+============================  ========  ============  ========
+
+Why: the SD1 VAE decoder's activations pass fp16's largest value (65504) on many
+latents, which gives NaN/black images; the reference answers with ``--no-half-vae``
+(VAE in fp32) and, since 1.6, by reverting the VAE to fp32 when it sees NaNs. Here the
+VAE is never fp16: fp32 beside an fp16 UNet (the reference's ``--no-half-vae``), bf16
+where bf16 is in use anyway (bf16 has fp32's exponent range, so it cannot overflow where
+fp32 does not). The text encoder runs once per prompt, so on the CPU it stays in fp32 at
+no measurable cost, and the conditioning keeps fp32's 24 mantissa bits; on GPUs it runs
+in the UNet's half type as the reference's half mode does.
+
+CPU bf16 detection (:func:`cpu_has_native_bf16`): "native" means instructions that
+compute on bf16 (x86 ``avx512_bf16`` or ``amx_bf16``; Arm ``bf16`` / ``FEAT_BF16``).
+Without them torch emulates bf16 through fp32 and is slower than fp32. Linux: the
+``flags`` (x86) or ``Features`` (Arm) lines of ``/proc/cpuinfo``; macOS: ``sysctl -n
+hw.optional.arm.FEAT_BF16`` (Apple M2 and later answer 1); elsewhere False. Every probe
+can be injected, so the policy is a pure function in tests.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdstack.validate import SettingError
+
+X86_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+ARM_BF16_FEATURES = frozenset({"bf16"})
+CUDA_BF16_CAPABILITY = (8, 0)
+"""Ampere and later compute in bf16 natively."""
+CPUINFO = Path("/proc/cpuinfo")
+SYSCTL_BF16 = ("sysctl", "-n", "hw.optional.arm.FEAT_BF16")
+
+
+@dataclass(frozen=True)
+class ComponentDtypes:
+    """The dtype each network runs in."""
+
+    unet: torch.dtype
+    text_encoder: torch.dtype
+    vae: torch.dtype
+
+
+def cpuinfo_has_bf16(cpuinfo: str) -> bool:
+    """True when a ``/proc/cpuinfo`` text lists native bf16 in a ``flags`` line (x86:
+    ``avx512_bf16``, ``amx_bf16``) or a ``Features`` line (Arm: ``bf16``)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        words = set(value.split())
+        if key == "flags" and words & X86_BF16_FLAGS:
+            return True
+        if key == "features" and words & ARM_BF16_FEATURES:
+            return True
+    return False
+
+
+def _read_cpuinfo() -> str:
+    try:
+        return CPUINFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _sysctl_bf16() -> str:
+    try:
+        done = subprocess.run(SYSCTL_BF16, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout
+
+
+def cpu_has_native_bf16(
+    *,
+    platform: str | None = None,
+    read_cpuinfo: Callable[[], str] | None = None,
+    read_sysctl: Callable[[], str] | None = None,
+) -> bool:
+    """Whether this processor computes bf16 natively (see the module docstring).
+
+    Args:
+        platform: ``sys.platform`` by default (``"linux"``, ``"darwin"``, ...).
+        read_cpuinfo: returns the ``/proc/cpuinfo`` text (Linux); "" when unreadable.
+        read_sysctl: returns the output of ``sysctl -n hw.optional.arm.FEAT_BF16``
+            (macOS); "" when it fails.
+
+    Returns:
+        True only on positive evidence; any failed probe answers False (fp32 is always
+        correct, only slower).
+    """
+    platform = sys.platform if platform is None else platform
+    if platform.startswith("linux"):
+        return cpuinfo_has_bf16((read_cpuinfo or _read_cpuinfo)())
+    if platform == "darwin":
+        return (read_sysctl or _sysctl_bf16)().strip() == "1"
+    return False
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` has compute capability 8.0 or later (native bf16)."""
+    return torch.cuda.get_device_capability(device) >= CUDA_BF16_CAPABILITY
+
+
+def auto_dtypes(
+    device: str | torch.device,
+    *,
+    prefer_bf16: bool = False,
+    cpu_bf16: bool | None = None,
+    cuda_bf16: bool | None = None,
+) -> ComponentDtypes:
+    """The ``--dtype auto`` precision of the UNet, text encoder and VAE on ``device``.
+
+    See the table in the module docstring.
+
+    Args:
+        device: ``"cpu"``, ``"cuda[:N]"``, ``"mps"`` or a ``torch.device`` (not checked
+            for availability here; ``resolve_device`` does that).
+        prefer_bf16: on CUDA, use bf16 instead of fp16 where the GPU has it.
+        cpu_bf16: whether the CPU has native bf16; probed with
+            :func:`cpu_has_native_bf16` when None.
+        cuda_bf16: whether the GPU has native bf16; probed with :func:`cuda_has_bf16`
+            when None (only when ``prefer_bf16``).
+
+    Raises:
+        SettingError: ``device`` is not a cpu, cuda or mps device.
+    """
+    kind = _device_type(device)
+    fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    if kind == "cuda":
+        if cuda_bf16 is None and prefer_bf16:
+            cuda_bf16 = cuda_has_bf16(torch.device(device))
+        if prefer_bf16 and cuda_bf16:
+            return ComponentDtypes(bf16, bf16, bf16)
+        return ComponentDtypes(fp16, fp16, fp32)
+    if kind == "mps":
+        return ComponentDtypes(fp16, fp16, fp32)
+    if cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16:
+        return ComponentDtypes(bf16, fp32, bf16)
+    return ComponentDtypes(fp32, fp32, fp32)
+
+
+def _device_type(device: Any) -> str:
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise SettingError(f"device: got {device!r}, expected one of cpu, cuda, mps") from error
+    if kind not in ("cpu", "cuda", "mps"):
+        raise SettingError(f"device: got {device!r}, expected one of cpu, cuda, mps")
+    return kind
