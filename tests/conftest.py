@@ -10,6 +10,9 @@ import tempfile
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Hashes computed by the tests go to a cache of their own, never the user's ~/.cache.
 os.environ.setdefault("SDSTACK_CACHE_DIR", tempfile.mkdtemp(prefix="sdstack-test-cache-"))
+# `--dtype auto` picks bf16 on a CPU with native bf16: the suite runs fp32 on every machine
+# (tests of the policy pass the probe in).
+os.environ["SDSTACK_CPU_BF16"] = "0"
 
 import pytest
 

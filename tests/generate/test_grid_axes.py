@@ -86,8 +86,8 @@ def test_reference_labels_and_spellings_name_the_axes(name, kind):
 def test_registry_holds_the_issue_axes_with_reference_costs():
     assert GRID_AXES.names() == (
         "seed", "steps", "cfg", "sampler", "schedule-type", "clip-skip", "emphasis", "size",
-        "denoising", "checkpoint", "vae", "prompt-sr", "lora", "lora-te", "lora-unet",
-        "merge-alpha", "merge-blocks",
+        "denoising", "token-merging", "checkpoint", "vae", "prompt-sr", "lora", "lora-te",
+        "lora-unet", "merge-alpha", "merge-blocks",
     )  # fmt: skip
     costs = {name: kind.cost for name, kind in GRID_AXES.items() if kind.cost}
     assert costs == {"checkpoint": 1.0, "vae": 0.7}
@@ -101,7 +101,8 @@ def test_unknown_axis_suggests_the_nearest():
     assert str(caught.value) == (
         "unknown grid axis 'clip-skp'; did you mean 'clip-skip'? Expected one of: seed, "
         "steps, cfg, sampler, schedule-type, clip-skip, emphasis, size, denoising, "
-        "checkpoint, vae, prompt-sr, lora, lora-te, lora-unet, merge-alpha, merge-blocks"
+        "token-merging, checkpoint, vae, prompt-sr, lora, lora-te, lora-unet, merge-alpha, "
+        "merge-blocks"
     )
     assert isinstance(caught.value, GridAxisError)
 

@@ -78,6 +78,7 @@ def test_vae_is_never_fp16():
 
 
 def test_cpu_probe_used_when_not_given(monkeypatch):
+    monkeypatch.delenv("SDSTACK_CPU_BF16")  # conftest pins it; the probe decides
     monkeypatch.setattr("sdstack.models.precision.cpu_has_native_bf16", lambda: True)
     assert auto_dtypes("cpu").unet == torch.bfloat16
 
@@ -86,3 +87,25 @@ def test_cpu_probe_used_when_not_given(monkeypatch):
 def test_bad_device(device):
     with pytest.raises(SettingError, match=r"^device: got .*, expected one of cpu, cuda, mps$"):
         auto_dtypes(device)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), (" 1 ", True)])
+def test_the_environment_overrides_the_cpu_probe(monkeypatch, value, expected):
+    from sdstack.models import precision
+
+    monkeypatch.setenv("SDSTACK_CPU_BF16", value)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: not expected)
+    assert precision.cpu_bf16_for_auto() is expected
+    assert (precision.auto_dtypes("cpu").unet == torch.bfloat16) is expected
+
+
+def test_a_bad_cpu_bf16_value_is_named(monkeypatch):
+    from sdstack.models import precision
+    from sdstack.validate import SettingError
+
+    monkeypatch.setenv("SDSTACK_CPU_BF16", "yes")
+    with pytest.raises(SettingError, match=r"SDSTACK_CPU_BF16='yes': expected 1 .* or 0"):
+        precision.cpu_bf16_for_auto()
+    monkeypatch.delenv("SDSTACK_CPU_BF16")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.cpu_bf16_for_auto() is True

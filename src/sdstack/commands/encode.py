@@ -18,7 +18,6 @@ from typing import Any
 from sdstack.prompt.errors import shorten
 from sdstack.prompt.limits import MAX_STEPS
 
-DTYPES = ("fp32", "fp16", "bf16")
 EMPHASIS_CHOICES = ("original", "no-norm", "ignore", "comfy")
 """Same as ``sdstack.text.EMPHASIS_MODES`` (not imported here: it would load torch)."""
 FULL_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.")
@@ -100,7 +99,7 @@ def register(subparsers: Any) -> None:
         help="diffusers-layout folder whose */config.json replace the packaged SD1.5 configs "
         "(single-file checkpoints only)",
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="model dtype")
+    add_text_dtype_option(parser)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--out", required=True, metavar="FILE", help="output .safetensors (must not exist)"
@@ -108,10 +107,25 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run_encode)
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
+def add_text_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """``--dtype auto|fp32|fp16|bf16`` for the text encoder (default auto: what ``generate``
+    would run it in on ``--device``)."""
+    from sdstack.models.precision import DTYPE_CHOICES
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="text-encoder dtype; auto (default) = what generate runs it in on --device: "
+        "fp32 on CPUs, fp16 on CUDA and MPS",
+    )
+
+
+def _torch_dtype(name: str, device: str = "cpu") -> Any:
+    """``--dtype`` -> the text encoder's torch dtype (``auto``: ``auto_dtypes(device)``)."""
+    from sdstack.models.precision import resolve_dtypes
+
+    return resolve_dtypes(name, device).text_encoder
 
 
 def _is_full_checkpoint(path: Path) -> bool:
@@ -256,7 +270,7 @@ def run_encode(args: argparse.Namespace) -> int:
     with tqdm(total=3, desc="encode", unit="step", file=sys.stderr) as progress:
         # 2. Load the text encoder (and embeddings).
         model = load_text_side(
-            Path(args.model), _torch_dtype(args.dtype), args.device, args.config_dir
+            Path(args.model), _torch_dtype(args.dtype, args.device), args.device, args.config_dir
         )
         width = model.config.hidden_size
         library = (

@@ -18,6 +18,7 @@ from sdstack.commands.control_options import (
 from sdstack.commands.deproject_options import add_deprojector_options, apply_deprojector_options
 from sdstack.commands.lora_options import add_lora_options, apply_lora_options, find_job_loras
 from sdstack.commands.progress import JobProgress
+from sdstack.commands.speed_options import add_speed_options
 
 # argparse dest -> GenerationParams field; None means "not given" (infotext may set it).
 OPTION_NAMES = {
@@ -36,6 +37,8 @@ OPTION_NAMES = {
     "pad_conds": "--pad-conds",
     "init_image": "--init-image",
     "encoding": "--encoding",
+    "token_merging": "--token-merging",
+    "vae_tiling": "--vae-tiling",
 }
 """GenerationParams field -> the option that sets it, for messages."""
 
@@ -52,6 +55,8 @@ PARAM_FLAGS = {
     "batch_count": "batch_count",
     "denoising_strength": "denoising_strength",
     "pad_conds": "pad_conds",
+    "token_merging": "token_merging",
+    "vae_tiling": "vae_tiling",
 }
 
 
@@ -111,6 +116,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     _add_sampling_options(parser)
     add_lora_options(parser)
     add_control_options(parser)
+    add_speed_options(parser)
     parser.add_argument("--embeddings", default=None, help="folder of textual-inversion files")
     parser.add_argument("--vae", default=None, help="separate VAE file (or a name with --root)")
     parser.add_argument(
@@ -140,14 +146,16 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_options(parser)
 
 
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """``--dtype auto|fp32|fp16|bf16`` (default auto; its help says what auto picks here)."""
+    from sdstack.models.precision import DTYPE_CHOICES, auto_help
+
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=auto_help())
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Where it runs and where the images go."""
-    parser.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=("fp32", "fp16", "bf16"),
-        help="weight dtype (default: fp32)",
-    )
+    add_dtype_option(parser)
     parser.add_argument(
         "--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps"
     )

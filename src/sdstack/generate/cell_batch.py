@@ -44,6 +44,7 @@ from sdstack.generate.hooks import StepCallback, StepRecord, UNetCall
 from sdstack.generate.latents import image_noise
 from sdstack.generate.pipeline import PreparedJob
 from sdstack.generate.samplers import effective_schedule, make_scheduler
+from sdstack.generate.token_merging import token_merging
 
 __all__ = ["CellBatchError", "CellBatchKey", "batch_key", "sample_cells"]
 
@@ -66,6 +67,7 @@ class CellBatchKey(NamedTuple):
     batch_size: int
     hooks: tuple[int, ...]  # id() of each hook, in order
     unet_loras: tuple[tuple[str, float, tuple[float, ...] | None], ...]
+    token_merging: float  # the UNet is patched for the whole batch
 
 
 def batch_key(prepared: PreparedJob) -> CellBatchKey | None:
@@ -73,10 +75,11 @@ def batch_key(prepared: PreparedJob) -> CellBatchKey | None:
 
     Equal keys mean the same model object, sampler, effective schedule type, steps,
     first step (img2img denoising strength), txt2img or img2img, size, batch size,
-    hooks (the same functions, in order) and LoRAs as the UNet carries them (file hash,
-    UNet multiplier, block weights). Prompt, negative, clip skip, emphasis, CFG scale,
-    ``pad_conds``, seeds and the init image itself may differ. None when the cell's
-    denoiser is not a :class:`GuidedDenoiser` (nothing to build its rows from).
+    hooks (the same functions, in order), LoRAs as the UNet carries them (file hash,
+    UNet multiplier, block weights) and the token merging ratio. Prompt, negative, clip
+    skip, emphasis, CFG scale, ``pad_conds``, seeds and the init image itself may
+    differ. None when the cell's denoiser is not a :class:`GuidedDenoiser` (nothing to
+    build its rows from).
 
     The model must carry the cells' LoRA stack when they are sampled (``prepare``
     applies the stack: prepare the cells of one key after each other, or re-apply it).
@@ -101,6 +104,7 @@ def batch_key(prepared: PreparedJob) -> CellBatchKey | None:
         batch_size=params.batch_size,
         hooks=tuple(id(hook) for hook in denoiser.hooks),
         unet_loras=loras,
+        token_merging=float(params.token_merging),
     )
 
 
@@ -266,13 +270,14 @@ def sample_cells(
             callback(StepRecord(next(count), total, 0, 1, timestep, sigma, state, x0))
 
     denoiser = CellDenoiser([cell.denoiser for cell in prepared], batch)
-    latents = run_denoising(
-        scheduler,
-        timesteps,
-        latents,
-        denoiser,
-        generators=list(generators),
-        on_step=on_step,
-        cancel=cancel,
-    )
+    with token_merging(unet, first.params.token_merging):  # one ratio per batch key
+        latents = run_denoising(
+            scheduler,
+            timesteps,
+            latents,
+            denoiser,
+            generators=list(generators),
+            on_step=on_step,
+            cancel=cancel,
+        )
     return list(latents.split(batch))

@@ -361,7 +361,7 @@ def _flush(components: Any, pending: list[tuple[GridCell, Any]], state: _Run) ->
         )
     state.on_phase("decoding")
     for (cell, prepared), cell_latents, cell_seeds in zip(pending, latents, seeds, strict=True):
-        cell.image = decode(components, cell_latents)[0]
+        cell.image = decode(components, cell_latents, cell.job.params.vae_tiling)[0]
         cell.infotext = prepared.infotext(cell_seeds[0])
         if state.out is not None:
             from sdstack.generate.images import save_image

@@ -203,6 +203,8 @@ for _kind, _aliases in (
     (AxisKind("size", "Size", str, check=gv.check_size, setter=_set_size), ()),
     (AxisKind("denoising", "Denoising", float, check=gv.check_denoising,
               setter=_set("denoising_strength")), ("denoising strength",)),
+    (AxisKind("token-merging", "Token merging ratio", float, check=gv.check_token_merging,
+              setter=_set("token_merging")), ("tome",)),
     (AxisKind("checkpoint", "Checkpoint name", str, cost=1.0, label_style="basename",
               check=gv.check_file_name("Checkpoint name"), setter=_set_checkpoint),
      ("model",)),
@@ -229,7 +231,7 @@ UNSUPPORTED_AXES = (
     "Hires sampler", "Negative Guidance minimum sigma", "Sigma Churn", "Sigma min",
     "Sigma max", "Sigma noise", "Schedule min sigma", "Schedule max sigma", "Schedule rho",
     "Eta", "Initial noise multiplier", "Extra noise", "Hires upscaler",
-    "Cond. Image Mask Weight", "Styles", "UniPC Order", "Face restore", "Token merging ratio",
+    "Cond. Image Mask Weight", "Styles", "UniPC Order", "Face restore",
     "Token merging ratio high-res", "Always discard next-to-last sigma",
     "SGM noise multiplier", "Refiner checkpoint", "Refiner switch at", "RNG source",
 )  # fmt: skip

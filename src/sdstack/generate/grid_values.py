@@ -310,6 +310,8 @@ check_cfg = _bounded("CFG Scale", 0.0, MAX_CFG, whole=False)
 """0..``MAX_CFG`` (100)."""
 check_denoising = _bounded("Denoising", 0.0, 1.0, whole=False)
 """0..1."""
+check_token_merging = _bounded("Token merging ratio", 0.0, 0.9, whole=False)
+"""0..0.9 (``sdstack.generate.token_merging.MAX_RATIO``)."""
 
 
 def check_seed(value: int) -> int:

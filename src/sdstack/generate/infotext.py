@@ -269,6 +269,7 @@ def generation_fields(
         "VAE": Path(vae_path).name if vae_path is not None else None,
         "Denoising strength": params.denoising_strength if params.is_img2img else None,
         "Clip skip": _clip_skip_field(params.clip_skip),
+        "Token merging ratio": params.token_merging or None,
         "RNG": "CPU",
         "Lora hashes": loras.hashes_field() if loras is not None else None,
         "TI hashes": ti_hashes(used_embeddings, embeddings),
@@ -290,8 +291,8 @@ def params_from_infotext(info: Mapping[str, str]) -> dict[str, Any]:
 
     Reads Prompt, Negative prompt, Steps, Sampler (old "DPM++ 2M Karras" names split into
     sampler + schedule type), Schedule type, CFG scale, Seed, Size, Clip skip, Emphasis,
-    Denoising strength, Pad conds (``True``/``False``), Encoding. Fields absent from the text are
-    absent from the result.
+    Denoising strength, Pad conds (``True``/``False``), Token merging ratio, Encoding.
+    Fields absent from the text are absent from the result.
 
     Raises:
         SettingError: a numeric or boolean field that does not parse, naming field and value.
@@ -328,6 +329,8 @@ def params_from_infotext(info: Mapping[str, str]) -> dict[str, Any]:
         result["emphasis"] = labels.get(info["Emphasis"].strip().lower(), info["Emphasis"])
     if "Pad conds" in info:
         result["pad_conds"] = read_bool("Pad conds", info["Pad conds"])
+    if "Token merging ratio" in info:
+        result["token_merging"] = read_number(info["Token merging ratio"])
     if "Encoding" in info:
         result["encoding"] = info["Encoding"]  # checked with the other settings
     return result

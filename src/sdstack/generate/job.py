@@ -40,6 +40,7 @@ HONOURED_FIELDS = frozenset(
         "Lora hashes",
         "Encoding",
         "Deprojector",
+        "Token merging ratio",
     }
 )
 """Infotext fields that set part of a job."""

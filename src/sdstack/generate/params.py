@@ -71,6 +71,11 @@ class GenerationParams:
             its texts are encoded plainly (no emphasis, schedules, AND, BREAK),
             ``<lora:...>`` tags still apply. The negative prompt is encoded the standard
             way. See ``sdstack.generate.encoding``.
+        token_merging: the reference's "Token merging ratio" (ToMe for SD via ``tomesd``,
+            self-attention at the highest resolution): 0 (off) .. 0.9; infotext
+            ``Token merging ratio`` when not 0. See ``sdstack.generate.token_merging``.
+        vae_tiling: "auto" (tiled VAE decode/encode above 1024x1024 pixels), "on" or
+            "off"; not in the infotext. See ``sdstack.generate.vae_tiling``.
     """
 
     prompt: str
@@ -90,6 +95,8 @@ class GenerationParams:
     denoising_strength: float = 0.75
     pad_conds: bool = False
     encoding: str = "standard"
+    token_merging: float = 0.0
+    vae_tiling: str = "auto"
 
     @property
     def is_img2img(self) -> bool:
@@ -129,7 +136,7 @@ def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) 
     Ranges: steps 1..1000; cfg_scale 0..100; seed -1 (random) or 0..2**32-1; width and
     height multiples of 8 in 64..4096 with at most 2048x2048 pixels; batch_size 1..64;
     batch_count 1..10000; clip_skip 1..12; denoising_strength 0..1; encoding "standard"
-    or "deprojected".
+    or "deprojected"; token_merging 0..0.9; vae_tiling auto, on or off.
 
     Args:
         params: the settings.
@@ -143,6 +150,8 @@ def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) 
         UnknownEncodingError: an encoding other than "standard" or "deprojected".
     """
     from sdstack.generate.encoding import check_encoding
+    from sdstack.generate.tiling_modes import check_tiling_mode
+    from sdstack.generate.token_merging import check_ratio
 
     names = {**{f.name: f.name for f in fields(GenerationParams)}, **(names or {})}
     if not isinstance(params.prompt, str) or not isinstance(params.negative, str):
@@ -163,6 +172,8 @@ def check_inputs(params: GenerationParams, names: dict[str, str] | None = None) 
     check_number(names["denoising_strength"], params.denoising_strength, 0.0, 1.0)
     check_bool(names["pad_conds"], params.pad_conds)
     check_encoding(params.encoding, names["encoding"])
+    check_ratio(params.token_merging, names["token_merging"])
+    check_tiling_mode(params.vae_tiling, names["vae_tiling"])
     if params.init_image is not None and not hasattr(params.init_image, "convert"):
         raise GenerationParamsError(
             f"{names['init_image']} must be a PIL image, got {type(params.init_image).__name__}"

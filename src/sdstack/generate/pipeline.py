@@ -34,6 +34,7 @@ from sdstack.generate.latents import (
 )
 from sdstack.generate.params import GenerationParams, check_inputs
 from sdstack.generate.samplers import SamplerSpec, make_scheduler, resolve_sampler
+from sdstack.generate.token_merging import token_merging
 from sdstack.validate import check_emphasis
 
 __all__ = [
@@ -170,7 +171,7 @@ def prepare(
     init_latents = None
     if params.is_img2img:
         init_latents = encode_init_image(
-            components.vae, params.init_image, params.width, params.height
+            components.vae, params.init_image, params.width, params.height, params.vae_tiling
         )
     used = _used_embeddings(denoiser)
     fields = generation_fields(
@@ -268,22 +269,23 @@ def sample(
         def on_step(timestep: Any, sigma: float, state: torch.Tensor, x0: torch.Tensor) -> None:
             callback(StepRecord(next(count), total, batch, batches, timestep, sigma, state, x0))
 
-    return run_denoising(
-        scheduler,
-        timesteps,
-        latents,
-        prepared.denoiser,
-        generators=list(generators),
-        on_step=on_step,
-        cancel=cancel,
-    )
+    with token_merging(unet, params.token_merging):  # restores the UNet exactly after
+        return run_denoising(
+            scheduler,
+            timesteps,
+            latents,
+            prepared.denoiser,
+            generators=list(generators),
+            on_step=on_step,
+            cancel=cancel,
+        )
 
 
 @torch.inference_mode()
-def decode(components: Any, latents: torch.Tensor) -> list[Any]:
+def decode(components: Any, latents: torch.Tensor, tiling: str = "auto") -> list[Any]:
     """RGB PIL images from latents, with the reference's pixel conversion
-    (see :func:`sdstack.generate.latents.decode_latents`)."""
-    return decode_latents(components.vae, latents)
+    (see :func:`sdstack.generate.latents.decode_latents`); ``tiling``: auto, on, off."""
+    return decode_latents(components.vae, latents, tiling)
 
 
 def _used_embeddings(denoiser: GuidedDenoiser) -> list[str]:

@@ -119,7 +119,8 @@ def generate(
             done=batch * prepared.calls_per_batch,
         )
         phase("decoding")
-        for image, image_seed in zip(decode(components, latents), seeds, strict=True):
+        images = decode(components, latents, params.vae_tiling)
+        for image, image_seed in zip(images, seeds, strict=True):
             result = GeneratedImage(image, image_seed, prepared.infotext(image_seed), len(results))
             results.append(result)
             if on_image is not None:

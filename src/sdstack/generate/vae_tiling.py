@@ -33,45 +33,33 @@ from typing import Any
 
 import torch
 
-from sdstack.errors import UnknownNameError
-from sdstack.registry import Registry
+from sdstack.generate.tiling_modes import (
+    AUTO_TILE_PIXELS,
+    VAE_TILING,
+    VAE_TILING_MODES,
+    UnknownTilingModeError,
+    check_tiling_mode,
+    should_tile,
+)
 from sdstack.validate import SettingError, check_int
+
+__all__ = [
+    "AUTO_TILE_PIXELS",
+    "VAE_TILING",
+    "VAE_TILING_MODES",
+    "UnknownTilingModeError",
+    "check_tiling_mode",
+    "should_tile",
+    "tiled_decode",
+    "tiled_encode",
+    "vae_decode",
+    "vae_encode",
+]
 
 DEFAULT_TILE = 64
 """Latent pixels per tile side (512 image pixels: SD1's training size)."""
 DEFAULT_OVERLAP = 16
 """Latent pixels shared by neighbouring tiles (a quarter tile, as diffusers' 0.25)."""
-AUTO_TILE_PIXELS = 1024 * 1024
-"""``auto`` tiles images with more pixels than this: up to 1024x1024 an untiled fp32
-decode fits in 4 GB (measured 3.9 GB) and runs twice as fast as tiles; above it the
-memory grows with the pixel count (2048x2048: about 15.5 GB), tiles stay near 1 GB."""
-
-
-class UnknownTilingModeError(UnknownNameError, SettingError):
-    """A VAE tiling mode other than auto, on, off."""
-
-
-VAE_TILING = Registry[str]("VAE tiling mode", UnknownTilingModeError)
-for _mode in ("auto", "on", "off"):
-    VAE_TILING.register(_mode, _mode)
-VAE_TILING_MODES = VAE_TILING.names()
-
-
-def should_tile(
-    height: int, width: int, mode: str = "auto", threshold: int = AUTO_TILE_PIXELS
-) -> bool:
-    """Whether a ``width x height`` image (pixels) is decoded in tiles.
-
-    ``"on"``: always; ``"off"``: never; ``"auto"``: when ``width * height > threshold``
-    (:data:`AUTO_TILE_PIXELS`, one megapixel, by default).
-
-    Raises:
-        UnknownTilingModeError: ``mode`` is not auto, on or off (nearest names given).
-    """
-    mode = VAE_TILING.canonical(mode)
-    if mode == "auto":
-        return height * width > threshold
-    return mode == "on"
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -4,7 +4,9 @@ No module is ever randomly initialised: ``from_config`` runs under ``torch.devic
 (parameters without storage), then ``load_state_dict(strict=True, assign=True)`` makes the
 checkpoint's own tensors the parameters. A tensor already in the wanted dtype and device is
 used as it is (for safetensors, a view of the memory-mapped file); otherwise it is converted
-one tensor at a time, so a full-precision copy of the whole model never exists twice.
+one tensor at a time (``streaming.ConvertingReader``: read into a buffer of its own, never
+through the mapping), so neither a second copy of the model nor the file's pages stay
+resident.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from sdstack.models.detect import CheckpointError, missing_keys_error, name_list
 from sdstack.models.key_map.ldm import KeyRow
 from sdstack.models.single_file import TensorFile
+from sdstack.models.streaming import ConvertingReader
 from sdstack.validate import SettingError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -216,12 +219,14 @@ def read_mapped(
     *,
     fit: Fit | None = None,
     on_tensor: Callable[[], None] | None = None,
+    channels_last: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Diffusers-named tensors for ``rows`` from LDM keys ``prefix + row.ldm`` in ``source``.
 
     1x1-conv attention weights (``row.conv1x1``) are squeezed to linear ``[C, C]``. With
     ``fit``, every shape is checked (``check_fit``) before any tensor is read or
-    converted. ``on_tensor()`` is called after each tensor.
+    converted. ``on_tensor()`` is called after each tensor. ``channels_last``: 4-D weights
+    come out in channels-last order (``ConvertingReader``).
 
     Raises:
         CheckpointError: some LDM keys are absent, or shapes do not fit (a few are named,
@@ -235,15 +240,16 @@ def read_mapped(
         found = {row.diffusers: _file_shape(source[prefix + row.ldm], row.conv1x1) for row in rows}
         check_fit(source.path, part, found, fit)
     tensors = {}
-    for row in rows:
-        tensor = source.tensor(prefix + row.ldm)
-        if row.conv1x1 and tensor.ndim == 4:
-            tensor = tensor[:, :, 0, 0]
-        tensors[row.diffusers] = prepare_weight(
-            tensor, dtype, device, source.path, prefix + row.ldm
-        )
-        if on_tensor is not None:
-            on_tensor()
+    with ConvertingReader(source, channels_last=channels_last) as reader:
+        for row in rows:
+            tensor = reader.tensor(prefix + row.ldm, dtype, device)
+            if row.conv1x1 and tensor.ndim == 4:
+                tensor = tensor[:, :, 0, 0]
+            tensors[row.diffusers] = prepare_weight(
+                tensor, dtype, device, source.path, prefix + row.ldm
+            )
+            if on_tensor is not None:
+                on_tensor()
     return tensors
 
 

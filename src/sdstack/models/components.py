@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdstack.models.precision import ComponentDtypes
 
 # SD1.x noise schedule (v1-inference.yaml): scaled_linear betas over 1000 steps.
 SD1_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -53,18 +56,40 @@ class ModelComponents:
         """Pixels per latent cell: ``2 ** (len(vae.config.block_out_channels) - 1)`` (8 on SD1)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def to(self, device: Any = None, dtype: Any = None) -> ModelComponents:
-        """Move the three networks in place; returns self.
+    @property
+    def dtypes(self) -> ComponentDtypes:
+        """The dtype each network holds its weights in now (its first floating parameter),
+        e.g. ``str(components.dtypes)`` = ``"UNet bf16, text encoder fp32, VAE bf16"``."""
+        from sdstack.models.precision import ComponentDtypes
 
-        Applied patches (LoRAs) are taken off first and put back after the move, so the
-        originals move too and the patched weights are rebuilt in the new dtype.
+        return ComponentDtypes(
+            unet=_weight_dtype(self.unet),
+            text_encoder=_weight_dtype(self.text_encoder),
+            vae=_weight_dtype(self.vae),
+        )
+
+    def to(
+        self,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        memory_format: Any = None,
+        modules: tuple[str, ...] = ("unet", "vae", "text_encoder"),
+    ) -> ModelComponents:
+        """Move (cast, re-lay out) the networks named in ``modules`` in place; returns self.
+
+        ``memory_format`` (``torch.channels_last`` / ``torch.contiguous_format``) applies
+        to 4-D weights only, as ``torch.nn.Module.to`` does. Applied patches (LoRAs) are
+        taken off first and put back after the move, so the originals move too and the
+        patched weights are rebuilt in the new dtype.
         """
         owned = self.patcher.owned if self.patcher is not None else {}
         if self.patcher is not None:
             self.patcher.restore()
             self.patcher.forget_cache()
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+        layout = {} if memory_format is None else {"memory_format": memory_format}
+        for name in modules:
+            getattr(self, name).to(device=device, dtype=dtype, **layout)
         if owned:
             self.patcher.apply_owned(owned)
         return self
@@ -89,3 +114,13 @@ class ModelComponents:
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+
+def _weight_dtype(module: Any) -> Any:
+    """The dtype of ``module``'s first floating-point parameter (float32 when it has none)."""
+    import torch
+
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32

@@ -4,8 +4,11 @@ Single files (``.safetensors``, or ``.ckpt``/``.pt`` through a weights-only unpi
 the original LDM layout; ``key_map.ldm`` maps it to diffusers' module names. Each network is
 built on the meta device from its config (the packaged SD1.5 configs, or those in
 ``config_dir``) and receives the file's tensors by assignment (``assemble``); every shape is
-checked against the config before any tensor is converted. ``progress(done,
-total)`` counts the tensors handed to the three networks.
+checked against the config before any tensor is converted. Each network gets its own dtype
+(``ComponentDtypes``; ``"auto"`` picks them per device, ``precision.auto_dtypes``), and
+each tensor is converted on its own from the file's dtype straight to its network's (an
+fp16 file loaded for bf16 never exists as fp32). ``progress(done, total)`` counts the
+tensors handed to the three networks.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from sdstack.models.assemble import (
     read_json,
     read_mapped,
     resolve_device,
-    resolve_dtype,
 )
 from sdstack.models.components import ModelComponents
 from sdstack.models.detect import CONFIG_DIR_HINT, CheckpointError, check_sd1
@@ -46,7 +48,10 @@ from sdstack.models.key_map.ldm import (
     unet_key_map,
     vae_key_map,
 )
+from sdstack.models.layout import channels_last_default, use_channels_last
+from sdstack.models.precision import ComponentDtypes, resolve_dtypes
 from sdstack.models.single_file import TensorFile, open_tensor_file
+from sdstack.models.streaming import ConvertingReader
 from sdstack.models.vae_file import fill_vae, load_vae_weights
 
 ProgressCallback = Callable[[int, int], None]
@@ -57,7 +62,8 @@ ProgressCallback = Callable[[int, int], None]
 class ModelConfigs:
     """The diffusers configs the networks are built from (``text`` None = packaged SD1.x).
 
-    ``origin`` names them in messages; ``hint`` says what to do when a file does not fit.
+    ``origin`` names them in messages; ``hint`` says what to do when a file does not fit;
+    ``channels_last``: the UNet's and VAE's 4-D weights are read in channels-last order.
     """
 
     unet: dict[str, Any]
@@ -66,6 +72,7 @@ class ModelConfigs:
     scheduler: dict[str, Any]
     origin: str = "packaged SD1.5"
     hint: str | None = CONFIG_DIR_HINT
+    channels_last: bool = False
 
 
 class _Progress:
@@ -159,21 +166,33 @@ def _vae(
             on_tensor=on_tensor,
         )
     fit = Fit(expected_shapes(vae), configs.origin, configs.hint)
+    rows = vae_key_map(vae)
     tensors = read_mapped(
-        source, VAE_PREFIX, vae_key_map(vae), dtype, device, "VAE", fit=fit, on_tensor=on_tensor
-    )
+        source, VAE_PREFIX, rows, dtype, device, "VAE", fit=fit, on_tensor=on_tensor,
+        channels_last=configs.channels_last,
+    )  # fmt: skip
     return assign_tensors(vae, tensors, source.path, "VAE")
+
+
+def _read_all(
+    source: TensorFile, keys: list[str], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``keys`` of ``source`` through a ``ConvertingReader`` (floating tensors converted
+    one by one; the rest as stored, for ``build_text_encoder``'s checks)."""
+    with ConvertingReader(source) as reader:
+        return {key: reader.tensor(key, dtype, device) for key in keys}
 
 
 def load_single_file(
     path: Path,
     vae_path: Path | None,
     configs: ModelConfigs,
-    dtype: torch.dtype,
+    dtypes: ComponentDtypes,
     device: torch.device,
     progress: ProgressCallback | None = None,
 ) -> tuple[Any, Any, Any]:
-    """(unet, vae, text_encoder) from an LDM-layout single-file checkpoint."""
+    """(unet, vae, text_encoder) from an LDM-layout single-file checkpoint, each network
+    in its ``dtypes`` entry."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     with open_tensor_file(path) as source:
@@ -188,25 +207,30 @@ def load_single_file(
         # 3. UNet: shapes checked, LDM -> diffusers names, assign.
         fit = Fit(expected_shapes(unet), configs.origin, configs.hint)
         tensors = read_mapped(
-            source, UNET_PREFIX, unet_rows, dtype, device, "UNet", fit=fit, on_tensor=tick
-        )
+            source, UNET_PREFIX, unet_rows, dtypes.unet, device, "UNet", fit=fit,
+            on_tensor=tick, channels_last=configs.channels_last,
+        )  # fmt: skip
         unet = assign_tensors(unet, tensors, path, "UNet")
         # 4. VAE from the checkpoint or the separate file.
-        vae = _vae(source, vae, vae_path, configs, dtype, device, tick)
+        vae = _vae(source, vae, vae_path, configs, dtypes.vae, device, tick)
         # 5. Text encoder (key layouts handled by build_text_encoder).
-        text = {key: source.tensor(key) for key in text_keys}
-        text_encoder = _text_encoder(text, path, configs.text, dtype, device, configs.hint, tick)
+        text = _read_all(source, text_keys, dtypes.text_encoder, device)
+        text_encoder = _text_encoder(
+            text, path, configs.text, dtypes.text_encoder, device, configs.hint, tick
+        )
     return unet, vae, text_encoder
 
 
 def load_folder(
     folder: Path,
     vae_path: Path | None,
-    dtype: torch.dtype,
+    dtypes: ComponentDtypes,
     device: torch.device,
     progress: ProgressCallback | None = None,
+    channels_last: bool = False,
 ) -> tuple[Any, Any, Any]:
-    """(unet, vae, text_encoder) from a diffusers-layout folder (its own configs)."""
+    """(unet, vae, text_encoder) from a diffusers-layout folder (its own configs), each
+    network in its ``dtypes`` entry (UNet 4-D weights channels-last with ``channels_last``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet_config = component_config(folder, "unet")
@@ -225,21 +249,26 @@ def load_folder(
         # 1. UNet: shapes checked against the folder's config before any tensor is read.
         check_fit(unet_source.path, "UNet", unet_source, Fit(expected_shapes(unet), origin, hint))
         tensors = {}
-        for key in unet_source:
-            tensor = unet_source.tensor(key)
-            tensors[key] = prepare_weight(tensor, dtype, device, unet_source.path, key)
-            if tick is not None:
-                tick()
+        with ConvertingReader(unet_source, channels_last=channels_last) as reader:
+            for key in unet_source:
+                tensor = reader.tensor(key, dtypes.unet, device)
+                tensors[key] = prepare_weight(tensor, dtypes.unet, device, unet_source.path, key)
+                if tick is not None:
+                    tick()
         unet = assign_tensors(unet, tensors, unet_source.path, "UNet")
         # 2. VAE: the separate file or the folder's.
         if vae_path is not None:
-            vae = load_vae_weights(vae_path, vae, dtype, device, config=origin, on_tensor=tick)
+            vae = load_vae_weights(vae_path, vae, dtypes.vae, device, config=origin, on_tensor=tick)
         else:
             with open_component_weights(folder, "vae") as source:
-                vae = fill_vae(source, vae, dtype, device, config=origin, hint=hint, on_tensor=tick)
+                vae = fill_vae(
+                    source, vae, dtypes.vae, device, config=origin, hint=hint, on_tensor=tick
+                )
         # 3. Text encoder.
-        text = {key: text_source.tensor(key) for key in text_source}
-        text_encoder = _text_encoder(text, text_source.path, text_config, dtype, device, None, tick)
+        text = _read_all(text_source, list(text_source), dtypes.text_encoder, device)
+        text_encoder = _text_encoder(
+            text, text_source.path, text_config, dtypes.text_encoder, device, None, tick
+        )
     return unet, vae, text_encoder
 
 
@@ -247,10 +276,11 @@ def load_model(
     path: str | Path,
     *,
     vae: str | Path | None = None,
-    dtype: str | torch.dtype = "fp32",
+    dtype: str | torch.dtype | ComponentDtypes = "fp32",
     device: str | torch.device = "cpu",
     config_dir: str | Path | None = None,
     progress: ProgressCallback | None = None,
+    channels_last: bool | None = None,
 ) -> ModelComponents:
     """Load an SD1.x model the way the reference UI does: single file or diffusers folder.
 
@@ -259,7 +289,9 @@ def load_model(
             diffusers folder (``unet/``, ``vae/``, ``text_encoder/``).
         vae: a separate VAE file replacing the model's own (LDM keys with or without the
             ``first_stage_model.`` prefix, or diffusers keys).
-        dtype: ``"fp32"``, ``"fp16"``, ``"bf16"`` or a floating ``torch.dtype``.
+        dtype: ``"auto"`` (a dtype per network for ``device``: ``precision.auto_dtypes``),
+            ``"fp32"``, ``"fp16"``, ``"bf16"`` or a floating ``torch.dtype`` (every network
+            in it), or a ``ComponentDtypes`` (UNet, text encoder, VAE). Default fp32.
         device: ``"cpu"``, ``"cuda"`` (``"cuda:N"``) or ``"mps"``.
         config_dir: a diffusers-layout folder whose ``unet``/``vae``/``text_encoder``
             ``config.json`` (and ``scheduler/scheduler_config.json``) replace the packaged
@@ -268,10 +300,14 @@ def load_model(
             when the networks are built and the total is known, then after each tensor is
             handed over (cast and moved when needed), ending at ``done == total``. None
             (default) costs nothing.
+        channels_last: put the UNet and VAE weights in channels-last memory order
+            (``layout.use_channels_last``); None = where it measured faster
+            (``layout.channels_last_default``). Results agree up to float rounding.
 
     Returns:
         ``ModelComponents`` with ``name`` = the file stem (folder name), ``path``,
-        ``vae_path``, the packaged tokenizer and the scheduler config.
+        ``vae_path``, the packaged tokenizer and the scheduler config; ``dtypes`` says
+        the dtype of each network.
 
     Raises:
         FileNotFoundError: ``path``, ``vae`` or ``config_dir`` does not exist.
@@ -283,8 +319,8 @@ def load_model(
     from sdstack.prompt.tokenizer import load_tokenizer
 
     # 1. Check the arguments.
-    torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
+    dtypes = resolve_dtypes(dtype, torch_device)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
@@ -292,7 +328,10 @@ def load_model(
     if vae_path is not None and not vae_path.is_file():
         raise FileNotFoundError(f"VAE file not found: {vae_path}")
     configs = model_configs(config_dir)
-    # 2. Build and fill the three networks.
+    if channels_last is None:
+        channels_last = channels_last_default(torch_device)
+    configs.channels_last = channels_last
+    # 2. Build and fill the three networks (4-D weights re-laid as they are read).
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointError(
@@ -301,14 +340,14 @@ def load_model(
             )
         configs.scheduler = scheduler_config_of(path) or configs.scheduler
         unet, vae_model, text_encoder = load_folder(
-            path, vae_path, torch_dtype, torch_device, progress
+            path, vae_path, dtypes, torch_device, progress, channels_last
         )
     else:
         unet, vae_model, text_encoder = load_single_file(
-            path, vae_path, configs, torch_dtype, torch_device, progress
+            path, vae_path, configs, dtypes, torch_device, progress
         )
     # 3. Assemble.
-    return ModelComponents(
+    components = ModelComponents(
         unet=unet,
         vae=vae_model,
         text_encoder=text_encoder,
@@ -318,3 +357,5 @@ def load_model(
         path=path,
         vae_path=vae_path,
     )
+    # 4. Memory layout of what the readers left (a separate VAE file, a folder's VAE).
+    return use_channels_last(components, channels_last)

@@ -28,20 +28,28 @@ Without them torch emulates bf16 through fp32 and is slower than fp32. Linux: th
 ``flags`` (x86) or ``Features`` (Arm) lines of ``/proc/cpuinfo``; macOS: ``sysctl -n
 hw.optional.arm.FEAT_BF16`` (Apple M2 and later answer 1); elsewhere False. Every probe
 can be injected, so the policy is a pure function in tests.
+
+Explicit ``fp32`` / ``fp16`` / ``bf16`` put every network in that one dtype
+(:func:`resolve_dtypes`); ``fp32`` is the setting for comparisons across machines: auto
+picks by hardware, and half types differ between machines by much more than float32's
+rounding. This module imports torch only inside
+its functions, so ``--help`` can describe ``auto`` without loading it.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sdstack.validate import SettingError
+
+if TYPE_CHECKING:
+    import torch
 
 X86_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 ARM_BF16_FEATURES = frozenset({"bf16"})
@@ -49,6 +57,16 @@ CUDA_BF16_CAPABILITY = (8, 0)
 """Ampere and later compute in bf16 natively."""
 CPUINFO = Path("/proc/cpuinfo")
 SYSCTL_BF16 = ("sysctl", "-n", "hw.optional.arm.FEAT_BF16")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
+"""What ``--dtype`` accepts: ``auto`` (per network, :func:`auto_dtypes`) or one dtype."""
+_TORCH_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"fp32"`` (``fp16``, ``bf16``); other dtypes as torch names them."""
+    text = str(dtype).removeprefix("torch.")
+    return next((short for short, long in _TORCH_NAMES.items() if long == text), text)
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,26 @@ class ComponentDtypes:
     unet: torch.dtype
     text_encoder: torch.dtype
     vae: torch.dtype
+
+    @classmethod
+    def uniform(cls, dtype: torch.dtype) -> ComponentDtypes:
+        """Every network in ``dtype``."""
+        return cls(dtype, dtype, dtype)
+
+    def names(self) -> dict[str, str]:
+        """``{"unet": "bf16", "text_encoder": "fp32", "vae": "bf16"}``."""
+        return {
+            "unet": dtype_name(self.unet),
+            "text_encoder": dtype_name(self.text_encoder),
+            "vae": dtype_name(self.vae),
+        }
+
+    def __str__(self) -> str:
+        """``"fp32"`` when uniform, else ``"UNet bf16, text encoder fp32, VAE bf16"``."""
+        names = self.names()
+        if len(set(names.values())) == 1:
+            return names["unet"]
+        return f"UNet {names['unet']}, text encoder {names['text_encoder']}, VAE {names['vae']}"
 
 
 def cpuinfo_has_bf16(cpuinfo: str) -> bool:
@@ -115,8 +153,32 @@ def cpu_has_native_bf16(
     return False
 
 
+CPU_BF16_ENVIRONMENT_VARIABLE = "SDSTACK_CPU_BF16"
+"""``1`` / ``0`` overrides the CPU probe for ``--dtype auto`` (e.g. ``0`` keeps fp32 on a
+bf16 processor so that results compare with other machines)."""
+
+
+def cpu_bf16_for_auto() -> bool:
+    """``$SDSTACK_CPU_BF16`` when it is ``1`` or ``0``, else :func:`cpu_has_native_bf16`.
+
+    Raises:
+        SettingError: the variable is set to something else.
+    """
+    value = os.environ.get(CPU_BF16_ENVIRONMENT_VARIABLE, "").strip()
+    if value in ("1", "0"):
+        return value == "1"
+    if value:
+        raise SettingError(
+            f"{CPU_BF16_ENVIRONMENT_VARIABLE}={value!r}: expected 1 (use bf16 on this CPU) "
+            "or 0 (fp32), or unset (detect)"
+        )
+    return cpu_has_native_bf16()
+
+
 def cuda_has_bf16(device: torch.device) -> bool:
     """Whether the CUDA ``device`` has compute capability 8.0 or later (native bf16)."""
+    import torch
+
     return torch.cuda.get_device_capability(device) >= CUDA_BF16_CAPABILITY
 
 
@@ -136,13 +198,15 @@ def auto_dtypes(
             for availability here; ``resolve_device`` does that).
         prefer_bf16: on CUDA, use bf16 instead of fp16 where the GPU has it.
         cpu_bf16: whether the CPU has native bf16; probed with
-            :func:`cpu_has_native_bf16` when None.
+            :func:`cpu_bf16_for_auto` (``$SDSTACK_CPU_BF16``, else the probe) when None.
         cuda_bf16: whether the GPU has native bf16; probed with :func:`cuda_has_bf16`
             when None (only when ``prefer_bf16``).
 
     Raises:
         SettingError: ``device`` is not a cpu, cuda or mps device.
     """
+    import torch
+
     kind = _device_type(device)
     fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
     if kind == "cuda":
@@ -153,12 +217,14 @@ def auto_dtypes(
         return ComponentDtypes(fp16, fp16, fp32)
     if kind == "mps":
         return ComponentDtypes(fp16, fp16, fp32)
-    if cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16:
+    if cpu_bf16_for_auto() if cpu_bf16 is None else cpu_bf16:
         return ComponentDtypes(bf16, fp32, bf16)
     return ComponentDtypes(fp32, fp32, fp32)
 
 
 def _device_type(device: Any) -> str:
+    import torch
+
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError) as error:
@@ -166,3 +232,56 @@ def _device_type(device: Any) -> str:
     if kind not in ("cpu", "cuda", "mps"):
         raise SettingError(f"device: got {device!r}, expected one of cpu, cuda, mps")
     return kind
+
+
+def resolve_dtypes(
+    dtype: str | torch.dtype | ComponentDtypes,
+    device: str | torch.device = "cpu",
+    *,
+    prefer_bf16: bool = False,
+) -> ComponentDtypes:
+    """``--dtype`` -> the dtype of each network on ``device``.
+
+    ``"auto"`` is :func:`auto_dtypes` (``prefer_bf16`` passed on); ``"fp32"`` / ``"fp16"`` /
+    ``"bf16"`` or a floating ``torch.dtype`` put every network in that dtype; a
+    ``ComponentDtypes`` is taken as it is (each dtype checked to be floating).
+
+    Raises:
+        SettingError: any other value, or a non-floating dtype in a ``ComponentDtypes``.
+    """
+    import torch
+
+    if isinstance(dtype, ComponentDtypes):
+        parts = (dtype.unet, dtype.text_encoder, dtype.vae)
+        if all(isinstance(d, torch.dtype) and d.is_floating_point for d in parts):
+            return dtype
+        raise SettingError(
+            f"dtype: got {dtype!r}, expected a floating torch.dtype for each network"
+        )
+    if isinstance(dtype, str) and dtype == "auto":
+        return auto_dtypes(device, prefer_bf16=prefer_bf16)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return ComponentDtypes.uniform(dtype)
+    if isinstance(dtype, str) and dtype in _TORCH_NAMES:
+        return ComponentDtypes.uniform(getattr(torch, _TORCH_NAMES[dtype]))
+    raise SettingError(
+        f"dtype: got {dtype!r}, expected auto or one of {', '.join(DTYPE_NAMES)} (or a "
+        "floating torch.dtype, or a ComponentDtypes)"
+    )
+
+
+def auto_help(*, cpu_bf16: bool | None = None) -> str:
+    """What ``--dtype auto`` picks, for ``--help``: this machine's CPU answer first (probed
+    with :func:`cpu_has_native_bf16` when ``cpu_bf16`` is None; no torch import)."""
+    native = cpu_bf16_for_auto() if cpu_bf16 is None else cpu_bf16
+    if native:
+        here = "this CPU has native bf16, so on --device cpu: UNet and VAE bf16, text encoder fp32"
+    else:
+        here = "this CPU has no native bf16, so on --device cpu: fp32"
+    return (
+        f"auto (default) picks a dtype per network: {here}; CUDA and MPS: UNet and text "
+        "encoder fp16, VAE fp32 (the VAE overflows fp16). Native bf16 is read from the "
+        "avx512_bf16/amx_bf16 flags (x86) or bf16 feature (Arm) of /proc/cpuinfo, or "
+        "hw.optional.arm.FEAT_BF16 on macOS. fp32/fp16/bf16: every network in that dtype; "
+        "use fp32 to compare runs across machines (auto's choice varies with the hardware)"
+    )
