@@ -68,6 +68,21 @@ class Registry(Generic[T]):
             return found
         raise self.error(self.unknown_message(name))
 
+    def checked(self, value: object, option: str) -> str:
+        """:meth:`canonical` of a setting's ``value``, the messages naming ``option``.
+
+        Raises:
+            UnknownNameError (``self.error``): ``<option> must be one of a, b, got 3`` for
+                a value that is not a string, ``<option>: unknown <kind> 'x'; did you mean
+                ...`` for an unknown name.
+        """
+        if not isinstance(value, str):
+            raise self.error(f"{option} must be one of {', '.join(self._values)}, got {value!r}")
+        try:
+            return self.canonical(value)
+        except UnknownNameError as error:
+            raise self.error(f"{option}: {error}") from None
+
     def get(self, name: str) -> T:
         """The value registered as ``name`` (see :meth:`canonical`)."""
         return self._values[self.canonical(name)]

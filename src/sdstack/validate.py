@@ -47,16 +47,9 @@ def check_emphasis(mode: Any, name: str = "emphasis") -> str:
     Raises:
         UnknownEmphasisError: unknown mode; the message lists the modes and the nearest.
     """
-    if not isinstance(mode, str):
-        raise UnknownEmphasisError(
-            f"{name} must be one of {', '.join(EMPHASIS_MODES)}, got {mode!r}"
-        )
-    try:
-        return EMPHASIS.canonical(mode)
-    except UnknownEmphasisError as error:
-        if name == "emphasis":
-            raise
-        raise UnknownEmphasisError(f"{name}: {error}") from None
+    if name == "emphasis" and isinstance(mode, str):
+        return EMPHASIS.canonical(mode)  # the message names the emphasis mode already
+    return EMPHASIS.checked(mode, name)
 
 
 def check_int(name: str, value: Any, low: int, high: int, *, hint: str = "") -> int:

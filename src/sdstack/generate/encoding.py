@@ -56,14 +56,7 @@ def check_encoding(value: Any, name: str = "encoding") -> str:
         UnknownEncodingError: not a string, or another name (the message lists both
             names and the nearest).
     """
-    if not isinstance(value, str):
-        raise UnknownEncodingError(
-            f"{name} must be one of {', '.join(ENCODINGS.names())}, got {value!r}"
-        )
-    try:
-        return ENCODINGS.canonical(value)
-    except UnknownEncodingError as error:
-        raise UnknownEncodingError(f"{name}: {error}") from None
+    return ENCODINGS.checked(value, name)
 
 
 def is_deprojected(params: Any) -> bool:

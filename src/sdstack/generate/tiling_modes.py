@@ -34,10 +34,7 @@ def check_tiling_mode(mode: Any, name: str = "VAE tiling") -> str:
     """
     if not isinstance(mode, str):
         raise UnknownTilingModeError(f"{name} must be auto, on or off, got {mode!r}")
-    try:
-        return VAE_TILING.canonical(mode)
-    except UnknownTilingModeError as error:
-        raise UnknownTilingModeError(f"{name}: {error}") from None
+    return VAE_TILING.checked(mode, name)
 
 
 def should_tile(

@@ -90,6 +90,11 @@ def axis_weights(starts: list[int], size: int, length: int, scale: int) -> list[
     return weights
 
 
+def vae_scale_factor(vae: Any) -> int:
+    """Image pixels per latent pixel: ``2 ** (len(block_out_channels) - 1)`` (8 on SD1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _check_tiles(tile: Any, overlap: Any) -> None:
     check_int("tile", tile, 2, 4096)
     check_int("overlap", overlap, 0, tile - 1, hint=" (less than the tile)")
@@ -174,7 +179,7 @@ def tiled_encode(
         SettingError: ``tile``/``overlap`` out of range, or a size the VAE cannot encode.
     """
     _check_tiles(tile, overlap)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     height, width = pixels.shape[-2:]
     if height % factor or width % factor:
         raise SettingError(
@@ -200,7 +205,7 @@ def vae_decode(
 ) -> torch.Tensor:
     """``vae.decode(latents).sample``, tiled when :func:`should_tile` says so for the
     output size (``8h x 8w`` for SD1)."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     height, width = (size * factor for size in latents.shape[-2:])
     if should_tile(height, width, mode, threshold):
         return tiled_decode(vae, latents, tile, overlap)

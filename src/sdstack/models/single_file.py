@@ -65,10 +65,15 @@ class TensorFile(Mapping[str, tuple[int, ...]]):
 
 
 class SafetensorsFile(TensorFile):
-    """Tensors of a ``.safetensors`` file through ``safe_open`` (memory-mapped)."""
+    """Tensors of a ``.safetensors`` file through ``safe_open`` (memory-mapped).
+
+    ``entries`` (key -> ``TensorEntry``: dtype, shape, byte offsets) and ``data_start``
+    are the checked header, for readers that read the bytes themselves.
+    """
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path, check_safetensors(path))
+        self.entries, self.data_start = checked_safetensors_layout(path)
+        super().__init__(path, {key: entry.shape for key, entry in self.entries.items()})
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -125,18 +130,17 @@ def open_tensor_file(path: str | Path) -> TensorFile:
     )
 
 
-def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes from a safetensors header, after ``check_safetensors_layout``.
+def checked_safetensors_layout(path: Path) -> tuple[dict[str, Any], int]:
+    """``check_safetensors_layout(path)``: the header's entries and data offset.
 
     Raises ``CheckpointError`` naming the file for a truncated file, a corrupt header (not
     JSON, bad entries, unknown dtypes, offsets that overlap, leave gaps or disagree with the
     shape) or bytes after the last tensor.
     """
     try:
-        entries, _ = check_safetensors_layout(path)
+        return check_safetensors_layout(path)
     except SafetensorsHeaderError as error:
         raise CheckpointError(str(error)) from error
-    return {key: entry.shape for key, entry in entries.items()}
 
 
 def load_weights_only(path: Path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,6 @@ from typing import IO, Any
 
 import torch
 
-from sdstack.models.safetensors_header import check_safetensors_layout
 from sdstack.models.single_file import SafetensorsFile, TensorFile
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {
@@ -51,7 +50,7 @@ class ConvertingReader:
         self.data_start = 0
         self._file: IO[bytes] | None = None
         if isinstance(source, SafetensorsFile) and sys.byteorder == "little":
-            self.entries, self.data_start = check_safetensors_layout(source.path)
+            self.entries, self.data_start = source.entries, source.data_start
 
     def tensor(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The tensor under ``key``, converted when it was read here (see the class doc)."""

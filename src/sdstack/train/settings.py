@@ -206,14 +206,7 @@ def _optional_number(names: dict[str, str], key: str, value: Any, low: float, hi
 
 
 def _named(registry: Registry[str], names: dict[str, str], key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise UnknownTrainOptionError(
-            f"{names[key]} must be one of {', '.join(registry.names())}, got {value!r}"
-        )
-    try:
-        return registry.canonical(value)
-    except UnknownTrainOptionError as error:
-        raise UnknownTrainOptionError(f"{names[key]}: {error}") from None
+    return registry.checked(value, names[key])
 
 
 def _check_network(s: TrainSettings, n: dict[str, str]) -> None:
