@@ -340,3 +340,30 @@ def test_owners_keep_their_patches_and_their_order_is_fixed(model):
     assert first.owned == {} and weights_fingerprint(model) == weights_fingerprint(
         tiny_components(seed=3)
     )
+
+
+def test_channels_last_weights_are_patched_to_the_same_values_and_keep_their_layout():
+    """A channels-last model (``models.layout``) takes dense and low-rank patches, the
+    conv weights stay channels-last, hold exactly the contiguous model's values (the sums
+    are element-wise, so memory order cannot change them), and restore bit-exactly."""
+    from sdstack.models.layout import use_channels_last
+
+    plain, laid_out = tiny_components(seed=3), tiny_components(seed=3)
+    use_channels_last(laid_out)
+    conv = parameter(laid_out, CONV)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    fingerprint = weights_fingerprint(laid_out)
+    assert fingerprint == weights_fingerprint(plain)  # the fingerprint reads logical order
+    stack = [("a", 0.8), ("d", 1.5), ("b", -0.3)]
+    for model in (plain, laid_out):
+        patcher_of(model).apply(patches_of(stack))
+    for layer in LAYERS:
+        assert torch.equal(parameter(plain, layer), parameter(laid_out, layer)), layer
+    assert parameter(laid_out, CONV).is_contiguous(memory_format=torch.channels_last)
+    low_rank_only = [("d", 0.5), ("e", 2.0)]
+    for model in (plain, laid_out):
+        patcher_of(model).apply(patches_of(low_rank_only))
+    assert torch.equal(parameter(plain, CONV), parameter(laid_out, CONV))
+    patcher_of(laid_out).restore()
+    assert weights_fingerprint(laid_out) == fingerprint
+    assert parameter(laid_out, CONV).is_contiguous(memory_format=torch.channels_last)

@@ -16,11 +16,12 @@ outputs 3.7e-6 and 4.3e-6: float32 rounding):
 - channels-last weights: UNet call 11.26 s (-3 %), decode 16.91 s (-13 %);
 - channels-last weights and input: 11.46 s, 17.22 s.
 
-Channels-last measured faster on the CPU, but it is not the default yet: the weight
-patcher (``patch_sum.sum_into``, LoRAs and merges) views weights as flat contiguous
-tensors and fails on channels-last ones. Until it handles them, every default stays
-contiguous; pass ``channels_last=True`` to ``load_model`` for jobs without LoRAs or
-merges. ``load_model`` re-lays the weights as it reads them
+Channels-last measured faster on the CPU. The weight patcher (``patch_sum.sum_into``,
+LoRAs and merges) now sums in a weight's own memory order, so channels-last weights take
+patches (same values as contiguous ones, restored bit-exactly). The default stays
+contiguous until the layout is measured again with bf16 compute (issue 14); pass
+``channels_last=True`` to ``load_model`` to use it now.
+``load_model`` re-lays the weights as it reads them
 (``streaming.ConvertingReader``): one copy per tensor, the same as a dtype conversion, so
 a file loaded in its own dtype is then copied rather than mapped.
 """
@@ -32,8 +33,8 @@ from typing import Any
 from sdstack.models.components import ModelComponents
 
 CHANNELS_LAST_BY_DEVICE: dict[str, bool] = {"cpu": False, "cuda": False, "mps": False}
-"""The ``None`` default per device type (False everywhere until the patcher handles
-channels-last weights; the CPU measured faster with it, see the module docstring)."""
+"""The ``None`` default per device type (False everywhere until the layout is measured
+with bf16 compute; the CPU measured faster with it in fp32, see the module docstring)."""
 
 
 def channels_last_default(device: Any) -> bool:
@@ -51,8 +52,7 @@ def use_channels_last(components: ModelComponents, enabled: bool | None = True) 
     """Put the UNet and VAE convolution weights in channels-last order (``enabled``), or
     back in contiguous order (False); None = :func:`channels_last_default` for the UNet's
     device. The text encoder has no 4-D weights and is left alone. Applied patches
-    (LoRAs) are taken off and put back, as ``ModelComponents.to`` does; note that the
-    patcher cannot yet apply LoRAs or merges to channels-last weights (module docstring).
+    (LoRAs) are taken off and put back, as ``ModelComponents.to`` does.
 
     Returns:
         ``components``, changed in place.

@@ -245,6 +245,15 @@ def low_rank_sum(
     return write
 
 
+def storage_order(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The permutation of ``tensor``'s dimensions that lists them as memory holds them
+    (largest stride first): ``tensor.permute(order)`` is contiguous for any dense,
+    non-overlapping layout, e.g. ``(0, 2, 3, 1)`` for a channels-last 4-D tensor.
+    Size-1 dimensions (whose stride does not matter) go last."""
+    dims = range(tensor.dim())
+    return tuple(sorted(dims, key=lambda d: (-tensor.stride(d) if tensor.shape[d] > 1 else 0, d)))
+
+
 def _computed(patch: Patch, float_originals: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The patch's dense deltas at strength 1, in float32."""
     with torch.no_grad():
@@ -262,10 +271,14 @@ def sum_into(
 
     Row chunks keep the float32 accumulator small; every element is computed by the same
     operations in the same order whatever the chunking, so the result depends only on
-    ``original`` and ``terms``.
+    ``original`` and ``terms``. ``target`` may have any dense layout (channels-last
+    convolution weights): the sums run in its memory order and write it in place, and each
+    element's value does not depend on that order.
     """
-    flat_target, flat_original = target.view(-1), original.reshape(-1)
-    flat_terms = [(s, d.reshape(-1).to(target.device)) for s, d in terms]
+    order = storage_order(target)
+    flat_target = target.permute(order).view(-1)
+    flat_original = original.permute(order).reshape(-1)
+    flat_terms = [(s, d.permute(order).reshape(-1).to(target.device)) for s, d in terms]
     total = flat_target.numel()
     for start in range(0, total, _CHUNK_ELEMENTS):
         end = min(start + _CHUNK_ELEMENTS, total)
