@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from sdstack.cli import build_parser, main
-from sdstack.models.precision import auto_help, cpu_has_native_bf16
+from sdstack.models.precision import auto_help, cpu_bf16_for_auto
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -41,9 +41,10 @@ def test_file_writing_tools_keep_their_default(command, default):
 
 
 def test_help_says_what_auto_picks_here():
+    """The help follows what auto uses: the probe, or $SDSTACK_CPU_BF16 (the suite pins 0)."""
     text = dtype_action(subparser("generate")).help
     assert text == auto_help()
-    here = "has native bf16" if cpu_has_native_bf16() else "has no native bf16"
+    here = "has native bf16" if cpu_bf16_for_auto() else "has no native bf16"
     assert f"this CPU {here}" in text
 
 

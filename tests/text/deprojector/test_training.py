@@ -141,7 +141,10 @@ def test_pairs_cache_written_then_reused(tiny_text_encoder, tokenizer, tmp_path,
     )
     assert len(list(tmp_path.glob("pairs-*.safetensors"))) == 3
     direct = teacher_pairs(tiny_text_encoder, tokenizer, texts)
-    assert torch.equal(first.states, direct.states) and torch.equal(first.eos, direct.eos)
+    # The teacher ran on other batch compositions: fp32 kernels (oneDNN/AMX) may sum in
+    # another order per batch size, so the states agree to float32 rounding, not bits.
+    assert_same_rounding(first.states, direct.states)
+    assert_same_rounding(first.eos, direct.eos)
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran although every shard is cached")
@@ -230,7 +233,7 @@ def test_split_and_combine_examples(tiny_text_encoder, tokenizer, captions):
     a, b, null = teacher_pairs(tiny_text_encoder, tokenizer, [train[i], train[j], ""]).pooled
     torch.testing.assert_close(data.embeddings[i], a + b - null, rtol=0, atol=1e-6)
     joined = teacher_pairs(tiny_text_encoder, tokenizer, [join_captions(train[i], train[j])])
-    assert torch.equal(data.targets.states[data.target_index[i]], joined.states[0])
+    assert_same_rounding(data.targets.states[data.target_index[i]], joined.states[0])
     c = plan.kinds.index("combine")
     combined = teacher_pairs(
         tiny_text_encoder, tokenizer, [join_captions(train[c], train[plan.partners[c]])]
@@ -358,3 +361,10 @@ def test_training_beats_the_baselines(decoder, tiny_text_encoder, tokenizer, cap
     assert loss < MARGIN * linear < pooled, (decoder, loss, linear, pooled)
     if decoder == "autoregressive":
         assert evaluation.method("free-running").loss < pooled
+
+
+def assert_same_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding of a 12-layer CLIP pass: each output is a sum of
+    hundreds of products per layer, so a few hundred ulps of the largest value."""
+    tolerance = 512 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance)
