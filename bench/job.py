@@ -6,7 +6,9 @@ the same prompt and no negative prompt, Euler on every side:
 
 - ``sdstack``: ``sdstack generate --model CKPT PROMPT --steps N --size 512x512 --seed 1
   --cfg 7 --sampler Euler --out DIR`` with its defaults otherwise (no ``--dtype``: the
-  default, fp32 on this CPU; ``--config-dir`` only for the tiny ``--quick`` fixture), run
+  default ``auto``, bf16 UNet and VAE on a CPU with native bf16, fp32 on one without;
+  channels-last weights on the CPU; ``--config-dir`` only for the tiny ``--quick``
+  fixture), run
   as ``sdstack.cli.main`` in the worker process with the counting wrappers below;
 - ``diffusers fp32``: ``StableDiffusionPipeline.from_single_file(ckpt, config=folder,
   local_files_only=True)`` with its defaults (fp32), ``EulerDiscreteScheduler`` from the

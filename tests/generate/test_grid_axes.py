@@ -17,14 +17,16 @@ from sdstack.generate.grid_axes import (
     GRID_AXES,
     Axis,
     GridAxisError,
-    GridSizeError,
     UnknownGridAxisError,
+    make_axis,
+    parse_axis,
+)
+from sdstack.generate.grid_rules import (
+    GridSizeError,
     check_grid_pixels,
     fix_seeds,
     grid_infotext_fields,
     loop_order,
-    make_axis,
-    parse_axis,
 )
 from sdstack.generate.job import GenerationJob
 from sdstack.generate.params import GenerationParams

@@ -159,3 +159,27 @@ def test_denoised_matches_the_schedulers_own_estimate(tiny_components, name):
         # Measured: at most 4% of this bound on every sampler here.
         tolerance = 1e-6 * (1 + sigma) * (1 + latents.abs().max().item())
         assert torch.allclose(ours, truth, rtol=0, atol=tolerance)
+
+
+def test_job_dtype_defaults_to_auto_and_is_checked():
+    from sdstack.validate import SettingError
+
+    job = GenerationJob(params())
+    assert (job.dtype, job.device) == ("auto", "cpu")
+    with pytest.raises(SettingError, match=r"dtype 'fp64': expected one of auto, fp32"):
+        dataclasses.replace(job, dtype="fp64").check()
+
+
+def test_job_load_uses_its_dtype_device_and_files(tiny_checkpoint):
+    from sdstack.models.precision import resolve_dtypes
+    from sdstack.validate import SettingError
+
+    checkpoint, config = tiny_checkpoint
+    job = GenerationJob(params(), model=str(checkpoint), dtype="bf16")
+    model = job.load(config_dir=config)
+    assert {p.dtype for p in model.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.vae.parameters()} == {torch.bfloat16}
+    auto = dataclasses.replace(job, dtype="auto").load(config_dir=config)
+    assert auto.dtypes == resolve_dtypes("auto", "cpu")
+    with pytest.raises(SettingError, match="names no model"):
+        GenerationJob(params()).load()

@@ -169,3 +169,17 @@ def test_flips_must_match_the_batch(tmp_path, data, buckets, vae):
     batch = epoch_batches(data, buckets, 2, random.Random(0))[0]
     with pytest.raises(LatentCacheError, match="flips: got 1 flags for a batch of 2 images"):
         LatentCache(tmp_path).latents_for_batch(batch, [False], vae)
+
+
+def test_vae_fingerprint_is_the_same_in_either_memory_layout():
+    """Channels-last weights (the CPU default of load_model) hold the same values: same
+    fingerprint, and no error from 1x1 convolutions whose last stride is not 1."""
+    import copy
+
+    from sdstack.models.tiny import tiny_vae
+
+    contiguous = tiny_vae(seed=0).eval()
+    laid_out = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    one_by_one = [p for p in laid_out.parameters() if p.dim() == 4 and p.shape[-1] == 1]
+    assert one_by_one and one_by_one[0].stride(-1) != 1
+    assert vae_fingerprint(laid_out) == vae_fingerprint(contiguous)

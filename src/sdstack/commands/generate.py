@@ -6,6 +6,7 @@ torch and diffusers are imported inside the handlers, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ from sdstack.commands.control_options import (
 from sdstack.commands.deproject_options import add_deprojector_options, apply_deprojector_options
 from sdstack.commands.lora_options import add_lora_options, apply_lora_options, find_job_loras
 from sdstack.commands.progress import JobProgress
-from sdstack.commands.speed_options import add_speed_options
+from sdstack.commands.speed_options import add_dtype_option, add_speed_options, check_device
 
 # argparse dest -> GenerationParams field; None means "not given" (infotext may set it).
 OPTION_NAMES = {
@@ -144,13 +145,6 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help="img2img strength 0..1 (default: 0.75); needs --init-image",
     )
     _add_run_options(parser)
-
-
-def add_dtype_option(parser: argparse.ArgumentParser) -> None:
-    """``--dtype auto|fp32|fp16|bf16`` (default auto; its help says what auto picks here)."""
-    from sdstack.models.precision import DTYPE_CHOICES, auto_help
-
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=auto_help())
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -308,6 +302,7 @@ def build_job(args: argparse.Namespace) -> Any:
     apply_lora_options(args, job)
     apply_control_options(args, job)
     apply_deprojector_options(args, job, explicit)
+    job.dtype, job.device = args.dtype, args.device
     job.check(option_names(explicit, bool(args.from_infotext)))
     return job
 
@@ -343,7 +338,7 @@ def run_generate(args: argparse.Namespace) -> int:
     paths = resolve_files(args, job)
     loras = find_job_loras(job, paths.library)
     check_output_folder(args.out)
-    _check_device(args)
+    check_device(args)
     if job.unhonoured:
         _note("not applied from the infotext: " + describe_unhonoured(job.unhonoured))
 
@@ -354,7 +349,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     # 2. Load, 3. generate; each image is saved as soon as it is decoded.
     with JobProgress(enabled=not args.quiet) as progress:
-        components = _load(args, paths, progress)
+        components = _load(args, job, paths, progress)
         if args.from_infotext:
             _note_other_model(job, components)
         if paths.embeddings is not None:
@@ -363,35 +358,13 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_device(args: argparse.Namespace) -> None:
-    """``--device`` and ``--dtype`` usable here, before loading (names the option)."""
-    from sdstack.models.assemble import resolve_device
-    from sdstack.validate import SettingError
-
-    try:
-        resolve_device(args.device)
-    except SettingError as error:
-        raise SettingError(f"--{error}") from None
-
-
-def _load(args: argparse.Namespace, paths: Any, progress: JobProgress) -> Any:
-    from sdstack.models import load_model
-
-    if paths.merge is not None:  # merge:A,B,...: A loaded, the merge applied as patches
-        from sdstack.merge.patch import load_merged
-
-        return load_merged(
-            paths.merge, vae=paths.vae, dtype=args.dtype, device=args.device,
-            config_dir=args.config_dir, progress=progress.loading,
-        )  # fmt: skip
-    return load_model(
-        paths.model,
-        vae=paths.vae,
-        dtype=args.dtype,
-        device=args.device,
-        config_dir=args.config_dir,
-        progress=progress.loading,
-    )
+def _load(args: argparse.Namespace, job: Any, paths: Any, progress: JobProgress) -> Any:
+    """The resolved model (or ``merge:`` spec) and VAE, in the job's dtype on its device.
+    Only the resolved VAE is used: the job's own ``vae`` may be an infotext's file name
+    that was not found (reported as not applied)."""
+    model = paths.merge if paths.merge is not None else paths.model
+    resolved = dataclasses.replace(job, model=model, vae=paths.vae)
+    return resolved.load(config_dir=args.config_dir, progress=progress.loading)
 
 
 def run_job(

@@ -68,10 +68,11 @@ def register(subparsers: Any) -> None:
 def run_grid_command(args: argparse.Namespace) -> int:
     """Handler of ``sdstack grid``: check everything, plan, then load and make the cells."""
     from sdstack.cli import CommandError
-    from sdstack.commands.generate import _check_device, build_job
+    from sdstack.commands.generate import build_job
     from sdstack.commands.grid_spec import apply_spec
     from sdstack.commands.job_files import resolve_files
     from sdstack.commands.lora_options import find_job_loras
+    from sdstack.commands.speed_options import check_device
     from sdstack.generate.grid import plan_grid
     from sdstack.generate.outputs import check_output_folder
 
@@ -96,7 +97,7 @@ def run_grid_command(args: argparse.Namespace) -> int:
         _print_plan(plan)
         return 0
     check_output_folder(args.out)
-    _check_device(args)
+    check_device(args)
     # 2. Load and make the cells (each saved as it is decoded), then the grids.
     with JobProgress(enabled=not args.quiet) as progress:
         run_with_progress(

@@ -1,4 +1,5 @@
-"""``--token-merging`` and ``--vae-tiling`` of ``sdstack generate`` and ``sdstack grid``."""
+"""How ``sdstack generate`` and ``sdstack grid`` run: ``--dtype``, the ``--device`` check,
+``--token-merging`` and ``--vae-tiling``."""
 
 from __future__ import annotations
 
@@ -35,3 +36,21 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
         "(default: auto); the image differs from an untiled decode by a fraction of a "
         "level",
     )
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """``--dtype auto|fp32|fp16|bf16`` (default auto; its help says what auto picks here)."""
+    from sdstack.models.precision import DTYPE_CHOICES, auto_help
+
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=auto_help())
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """``--device`` usable here, before anything loads (the message names the option)."""
+    from sdstack.models.assemble import resolve_device
+    from sdstack.validate import SettingError
+
+    try:
+        resolve_device(args.device)
+    except SettingError as error:
+        raise SettingError(f"--{error}") from None

@@ -5,7 +5,7 @@ one checked job per cell, seeds fixed once per grid (the reference's "Keep -1 fo
 off) unless ``vary_seeds``. :func:`run_grid` then makes the cells:
 
 1. cells are visited in the reference's order by axis cost (checkpoints, then VAEs,
-   change least often; ``grid_axes.loop_order``), and a checkpoint or VAE is loaded once
+   change least often; ``grid_rules.loop_order``), and a checkpoint or VAE is loaded once
    per run of cells that use it;
 2. a ``merge:A,B,alpha=...`` model loads A once; each cell applies its alpha and block
    weights as patches (the ``merge-alpha`` and ``merge-blocks`` axes);
@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from sdstack.errors import SdstackError
-from sdstack.generate.grid_axes import (
+from sdstack.generate.grid_axes import Axis, parse_axis
+from sdstack.generate.grid_rules import (
     SEED_DRAW,
-    Axis,
     check_grid_pixels,
     fix_seeds,
     grid_infotext_fields,
     loop_order,
-    parse_axis,
 )
 from sdstack.generate.job import GenerationJob
 

@@ -79,6 +79,12 @@ class GenerationJob:
             (``params.encoding == "deprojected"``), or None; ``generate`` loads it.
         infotext_deprojector: the ``Deprojector`` an infotext named (``name [hash]``);
             the folder itself is not in the infotext.
+        dtype: the precision :meth:`load` loads the model in: ``"auto"`` (default: a
+            dtype per network for ``device``, ``sdstack.models.precision.auto_dtypes``),
+            ``"fp32"`` (the setting that is deterministic across machines), ``"fp16"``,
+            ``"bf16"``.
+        device: where :meth:`load` puts the model: ``"cpu"`` (default), ``"cuda"``,
+            ``"cuda:N"``, ``"mps"``.
     """
 
     params: GenerationParams
@@ -93,6 +99,8 @@ class GenerationJob:
     controls: tuple[Any, ...] = ()
     deprojector: str | None = None
     infotext_deprojector: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
 
     def check(self, names: Mapping[str, str] | None = None) -> None:
         """Every setting checked (see :func:`check_inputs`), the LoRA stack read.
@@ -103,10 +111,36 @@ class GenerationJob:
             LoraSpecError, BlockWeightError: a LoRA multiplier or ``lbw=`` out of range.
         """
         check_inputs(self.params, dict(names or {}))
+        check_dtype_name(self.dtype, (names or {}).get("dtype", "dtype"))
         self.lora_specs()
         check_prompt_texts(self.params)
         for index, unit in enumerate(self.controls):
             unit.checked(f"ControlNet unit {index}")
+
+    def load(self, model: Any = None, vae: Any = None, **options: Any) -> Any:
+        """The job's model, loaded in ``self.dtype`` on ``self.device``.
+
+        ``model`` and ``vae`` (default: the job's) are file paths (or diffusers folders),
+        ``model`` may be a ``merge:A,B,...`` spec (model A loaded, the merge applied as
+        patches: ``sdstack.merge.patch.load_merged``). ``options`` go to
+        ``sdstack.models.load_model`` (``config_dir``, ``progress``, ``channels_last``).
+
+        Raises:
+            SettingError: the job names no model.
+            CheckpointError, FileNotFoundError: as ``load_model``.
+        """
+        from sdstack.merge.patch import MergeSpec, is_merge_spec, load_merged
+        from sdstack.models import load_model
+        from sdstack.validate import SettingError
+
+        model = self.model if model is None else model
+        if model is None:
+            raise SettingError("the job names no model: set GenerationJob.model to a file")
+        settings = {"vae": self.vae if vae is None else vae, "dtype": self.dtype}
+        settings.update(device=self.device, **options)
+        if isinstance(model, MergeSpec) or is_merge_spec(model):
+            return load_merged(model, **settings)
+        return load_model(model, **settings)
 
     def lora_specs(self) -> list[Any]:
         """The job's LoRA stack: the prompt's tags, then ``networks`` (``LoraSpec`` list)."""
@@ -171,6 +205,19 @@ class GenerationJob:
 
             fields["Deprojector"] = read_deprojector_folder(self.deprojector).title()
         return build_infotext(infotext_prompt_text(self.params), self.params.negative, fields)
+
+
+def check_dtype_name(dtype: str, option: str = "dtype") -> None:
+    """``dtype`` is one of ``auto``, ``fp32``, ``fp16``, ``bf16`` (torch-free check).
+
+    Raises:
+        SettingError: another value, naming ``option`` and the choices.
+    """
+    from sdstack.models.precision import DTYPE_CHOICES
+    from sdstack.validate import SettingError
+
+    if dtype not in DTYPE_CHOICES:
+        raise SettingError(f"{option} {dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
 
 
 def check_prompt_texts(params: GenerationParams) -> None:

@@ -81,15 +81,17 @@ class ModelComponents:
         ``memory_format`` (``torch.channels_last`` / ``torch.contiguous_format``) applies
         to 4-D weights only, as ``torch.nn.Module.to`` does. Applied patches (LoRAs) are
         taken off first and put back after the move, so the originals move too and the
-        patched weights are rebuilt in the new dtype.
+        patched weights are rebuilt in the new dtype. Only the arguments given are passed
+        on (diffusers warns about any ``dtype=`` passed to ``.to``, even None).
         """
         owned = self.patcher.owned if self.patcher is not None else {}
         if self.patcher is not None:
             self.patcher.restore()
             self.patcher.forget_cache()
-        layout = {} if memory_format is None else {"memory_format": memory_format}
+        moves = {"device": device, "dtype": dtype, "memory_format": memory_format}
+        given = {key: value for key, value in moves.items() if value is not None}
         for name in modules:
-            getattr(self, name).to(device=device, dtype=dtype, **layout)
+            getattr(self, name).to(**given)
         if owned:
             self.patcher.apply_owned(owned)
         return self

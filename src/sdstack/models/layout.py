@@ -7,21 +7,25 @@ on to their outputs. Only the order of the numbers in memory changes: a convolut
 computes the same sums, in an order its kernel chooses, so results agree with the
 contiguous layout up to float rounding (a few ulps of each output), never more.
 
-Whether it is faster depends on the device (:func:`channels_last_default`), measured with
-one UNet call (512x512, batch 2) and one VAE decode (512x512) in fp32 on the real-shape
-SD1.5 fixture, 2 threads, means of 2 after a warm-up (max relative difference of the
-outputs 3.7e-6 and 4.3e-6: float32 rounding):
+Whether it is faster depends on the device (:func:`channels_last_default`). Measured with
+``bench/layout.py`` (one UNet call at 512x512, batch 2, and one 512x512 VAE decode on the
+real-shape SD1.5 fixture, 2 threads, median of 3 after a warm-up; an Intel Xeon with AMX):
 
-- contiguous: UNet call 11.64 s, decode 19.49 s;
-- channels-last weights: UNet call 11.26 s (-3 %), decode 16.91 s (-13 %);
-- channels-last weights and input: 11.46 s, 17.22 s.
+| call | dtype | contiguous s | channels-last s | change | max rel. diff |
+|---|---|---:|---:|---:|---:|
+| UNet call | fp32 | 13.58 | 14.21 | +4.7 % | 2e-6 |
+| VAE decode | fp32 | 22.60 | 20.48 | -9.4 % | 2e-6 |
+| UNet call | bf16 | 5.28 | 4.88 | -7.5 % | 4.6e-3 |
+| VAE decode | bf16 | 14.45 | 6.85 | -52.6 % | 5.0e-3 |
 
-Channels-last measured faster on the CPU. The weight patcher (``patch_sum.sum_into``,
-LoRAs and merges) now sums in a weight's own memory order, so channels-last weights take
-patches (same values as contiguous ones, restored bit-exactly). The default stays
-contiguous until the layout is measured again with bf16 compute (issue 14); pass
-``channels_last=True`` to ``load_model`` to use it now.
-``load_model`` re-lays the weights as it reads them
+(an earlier fp32 run on the same machine: UNet -3 %, decode -13 %; the UNet's fp32
+difference is within run-to-run noise.) The differences are rounding of the dtype (bf16
+has 8 significant bits). Channels-last is therefore the CPU default: it halves the bf16
+decode, the slowest part of a CPU job after the steps. GPUs were not measured and stay
+contiguous. The weight patcher (``patch_sum.sum_into``, LoRAs and merges) sums in a
+weight's own memory order, so channels-last weights take patches (same values as
+contiguous ones, restored bit-exactly). ``load_model(channels_last=False)`` keeps the
+NCHW order. ``load_model`` re-lays the weights as it reads them
 (``streaming.ConvertingReader``): one copy per tensor, the same as a dtype conversion, so
 a file loaded in its own dtype is then copied rather than mapped.
 """
@@ -32,9 +36,9 @@ from typing import Any
 
 from sdstack.models.components import ModelComponents
 
-CHANNELS_LAST_BY_DEVICE: dict[str, bool] = {"cpu": False, "cuda": False, "mps": False}
-"""The ``None`` default per device type (False everywhere until the layout is measured
-with bf16 compute; the CPU measured faster with it in fp32, see the module docstring)."""
+CHANNELS_LAST_BY_DEVICE: dict[str, bool] = {"cpu": True, "cuda": False, "mps": False}
+"""The ``None`` default per device type: channels-last on the CPU, where it measured faster
+(module docstring); contiguous on the unmeasured GPUs."""
 
 
 def channels_last_default(device: Any) -> bool:

@@ -49,9 +49,9 @@ def vae_fingerprint(vae: Any) -> str:
     digest = hashlib.sha256(FORMAT.encode())
     digest.update(repr(float(vae.config.scaling_factor)).encode())
     for name, tensor in sorted(vae.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        flat = tensor.detach().to("cpu").reshape(-1).contiguous()  # stride 1 in any layout
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
