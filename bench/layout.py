@@ -16,7 +16,7 @@ only: the same sums in another order).
 
 Usage::
 
-    flock /tmp/bench.lock .venv/bin/python bench/layout.py          # ~3 min on 2 cores
+    flock /tmp/bench.lock .venv/bin/python bench/layout.py          # ~4 min on 2 cores
     .venv/bin/python bench/layout.py --dtypes bf16 --repeats 3
 """
 

@@ -117,12 +117,12 @@ class GenerationJob:
         for index, unit in enumerate(self.controls):
             unit.checked(f"ControlNet unit {index}")
 
-    def load(self, model: Any = None, vae: Any = None, **options: Any) -> Any:
-        """The job's model, loaded in ``self.dtype`` on ``self.device``.
+    def load(self, **options: Any) -> Any:
+        """``self.model`` with ``self.vae``, loaded in ``self.dtype`` on ``self.device``.
 
-        ``model`` and ``vae`` (default: the job's) are file paths (or diffusers folders),
-        ``model`` may be a ``merge:A,B,...`` spec (model A loaded, the merge applied as
-        patches: ``sdstack.merge.patch.load_merged``). ``options`` go to
+        ``model`` and ``vae`` are file paths (or diffusers folders); ``model`` may be a
+        ``merge:A,B,...`` spec (model A loaded, the merge applied as patches:
+        ``sdstack.merge.patch.load_merged``). ``options`` go to
         ``sdstack.models.load_model`` (``config_dir``, ``progress``, ``channels_last``).
 
         Raises:
@@ -133,14 +133,12 @@ class GenerationJob:
         from sdstack.models import load_model
         from sdstack.validate import SettingError
 
-        model = self.model if model is None else model
-        if model is None:
+        if self.model is None:
             raise SettingError("the job names no model: set GenerationJob.model to a file")
-        settings = {"vae": self.vae if vae is None else vae, "dtype": self.dtype}
-        settings.update(device=self.device, **options)
-        if isinstance(model, MergeSpec) or is_merge_spec(model):
-            return load_merged(model, **settings)
-        return load_model(model, **settings)
+        settings = {"vae": self.vae, "dtype": self.dtype, "device": self.device, **options}
+        if isinstance(self.model, MergeSpec) or is_merge_spec(self.model):
+            return load_merged(self.model, **settings)
+        return load_model(self.model, **settings)
 
     def lora_specs(self) -> list[Any]:
         """The job's LoRA stack: the prompt's tags, then ``networks`` (``LoraSpec`` list)."""

@@ -347,6 +347,7 @@ def write_safetensors(
         BakeError: ``path`` appeared meanwhile (without ``overwrite``).
     """
     from sdstack.atomic_files import temporary_file
+    from sdstack.models.patcher import tensor_bytes
 
     encoded = _header_bytes(entries, metadata)
     with temporary_file(path.parent, suffix=".safetensors") as temporary:
@@ -359,7 +360,7 @@ def write_safetensors(
                         f"{path}: tensor {key}: {tensor.dtype} {tuple(tensor.shape)}; expected "
                         f"{dtype} {tuple(shape)} (internal check)"
                     )
-                file.write(_tensor_bytes(tensor))
+                file.write(tensor_bytes(tensor))
                 if progress is not None:
                     progress("baking", index + 1, len(entries))
         publish_output(temporary, path, overwrite=overwrite)
@@ -378,12 +379,3 @@ def _header_bytes(entries: Sequence[tuple[str, Any, tuple[int, ...]]], metadata:
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return encoded + b" " * (-len(encoded) % 8)
-
-
-def _tensor_bytes(tensor: Any) -> memoryview:
-    import torch
-
-    flat = tensor.detach().reshape(-1).contiguous().cpu()
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())

@@ -83,7 +83,7 @@ def write_pieces(
 
 def _write_entry(file: BinaryIO, path: Path, entry: Entry, parts: Iterable[Any]) -> None:
     """Write the pieces of one tensor, checking each against the entry."""
-    from sdstack.lora.bake import _tensor_bytes
+    from sdstack.models.patcher import tensor_bytes
 
     key, dtype, shape = entry
     rows = 0
@@ -97,7 +97,7 @@ def _write_entry(file: BinaryIO, path: Path, entry: Entry, parts: Iterable[Any])
                 f"{path}: tensor {key}: piece {piece.dtype} {tuple(piece.shape)}; expected "
                 f"{dtype} rows of {tuple(shape)} (internal check)"
             )
-        file.write(_tensor_bytes(piece))
+        file.write(tensor_bytes(piece))
         rows += piece.shape[0] if shape else 1
     if rows != (shape[0] if shape else 1) and math.prod(shape) != 0:
         raise WriteCheckError(

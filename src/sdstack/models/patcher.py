@@ -232,12 +232,14 @@ def weights_fingerprint(components: Any, *, parts: Sequence[str] | None = None) 
         module = getattr(components, part)
         for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
             digest.update(f"{part}.{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            digest.update(_tensor_bytes(tensor))
+            digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of ``tensor`` (any dtype, any device), as a memoryview."""
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of ``tensor`` in its logical (row-major) order, whatever its dtype,
+    device and memory layout (channels-last weights give the same bytes as contiguous
+    ones), as a memoryview."""
     flat = tensor.detach().reshape(-1).contiguous().cpu()
     if flat.numel() == 0:
         return memoryview(b"")

@@ -43,15 +43,15 @@ class LatentCacheError(SdstackError):
 
 def vae_fingerprint(vae: Any) -> str:
     """sha256 hex over the VAE's ``state_dict`` (sorted names, dtype, shape, bytes) and
-    ``config.scaling_factor``: equal for the same weights, different for any change."""
-    import torch
+    ``config.scaling_factor``: equal for the same weights (in either memory layout),
+    different for any change."""
+    from sdstack.models.patcher import tensor_bytes
 
     digest = hashlib.sha256(FORMAT.encode())
     digest.update(repr(float(vae.config.scaling_factor)).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        flat = tensor.detach().to("cpu").reshape(-1).contiguous()  # stride 1 in any layout
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 
